@@ -1,0 +1,354 @@
+"""Build the offline default: xLAM-schema sample data, a BFCL-format held-out split, a tiny tokenizer and a tiny
+Qwen2-architecture model with random weights. Deterministic: the same seed gives byte-identical files.
+
+    python make_demo_assets.py --out demo_assets
+
+Writes
+    demo_assets/xlam_sample/train.jsonl      rows {id, query, tools, answers} exactly as Salesforce/xlam-function-calling-60k
+    demo_assets/bfcl_heldout/BFCL_v4_demo_<category>.json (+ possible_answer/)  questions the model never trains on
+    demo_assets/tiny-qwen2/                  Qwen2ForCausalLM + tokenizer with Qwen2.5's real chat template (from TRL)
+"""
+
+import argparse
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+# ---------------------------------------------------------------------------------------------------------------
+# A small tool library: each tool knows its xLAM spec and how to draw (arguments, the phrase that asks for them).
+# ---------------------------------------------------------------------------------------------------------------
+
+CITIES = ["Paris", "Tokyo", "Berlin", "Lima", "Cairo", "Oslo", "Austin", "Seoul", "Madrid", "Nairobi", "Toronto", "Hanoi"]
+CURRENCIES = ["USD", "EUR", "JPY", "GBP", "INR", "CAD", "CHF", "BRL"]
+SYMBOLS = ["AAPL", "MSFT", "NVDA", "TSLA", "AMZN", "GOOG", "META", "IBM"]
+LANGS = ["French", "German", "Spanish", "Japanese", "Korean", "Italian"]
+WORDS = ["hello world", "good morning", "thank you very much", "where is the station", "see you tomorrow"]
+PRODUCTS = ["running shoes", "laptop stand", "coffee grinder", "desk lamp", "yoga mat", "water bottle"]
+
+
+@dataclass
+class Param:
+    type: str  # xLAM's Python-style type string
+    description: str
+    default: object = None  # a default makes the parameter optional, as in xLAM
+    has_default: bool = False
+
+
+@dataclass
+class Tool:
+    name: str
+    description: str
+    params: dict
+    draw: object = field(repr=False)  # rng -> (arguments, phrase)
+
+    def xlam_spec(self):
+        params = {}
+        for name, p in self.params.items():
+            spec = {"description": p.description, "type": p.type}
+            if p.has_default:
+                spec["default"] = p.default
+            params[name] = spec
+        return {"name": self.name, "description": self.description, "parameters": params}
+
+
+def _weather(rng):
+    city = rng.choice(CITIES)
+    if rng.random() < 0.4:
+        unit = rng.choice(["celsius", "fahrenheit"])
+        return {"city": city, "unit": unit}, f"the weather in {city} in {unit}"
+    return {"city": city}, f"the current weather in {city}"
+
+
+def _currency(rng):
+    amount = float(rng.choice([10, 25, 50, 99.5, 120, 250, 1000, 12.75]))
+    a, b = rng.sample(CURRENCIES, 2)
+    return {"amount": amount, "from_currency": a, "to_currency": b}, f"convert {amount:g} {a} to {b}"
+
+
+def _stock(rng):
+    symbol = rng.choice(SYMBOLS)
+    return {"symbol": symbol}, f"the latest stock price of {symbol}"
+
+
+def _primes(rng):
+    limit = rng.choice([10, 20, 50, 100, 200, 500])
+    return {"limit": limit}, f"all prime numbers below {limit}"
+
+
+def _sort(rng):
+    numbers = rng.sample(range(1, 60), rng.randint(3, 6))
+    if rng.random() < 0.5:
+        return {"numbers": numbers, "descending": True}, f"the numbers {numbers} sorted in descending order"
+    return {"numbers": numbers}, f"the numbers {numbers} sorted"
+
+
+def _bmi(rng):
+    weight, height = float(rng.choice([55, 62.5, 70, 81, 95])), rng.choice([1.6, 1.72, 1.8, 1.85, 1.9])
+    return {"weight_kg": weight, "height_m": height}, f"the BMI of someone weighing {weight:g} kg at {height} m"
+
+
+def _translate(rng):
+    text, lang = rng.choice(WORDS), rng.choice(LANGS)
+    if rng.random() < 0.3:
+        return {"text": text, "target_language": lang, "source_language": "English"}, f"a translation of '{text}' from English to {lang}"
+    return {"text": text, "target_language": lang}, f"a translation of '{text}' into {lang}"
+
+
+def _products(rng):
+    query = rng.choice(PRODUCTS)
+    if rng.random() < 0.5:
+        n = rng.choice([3, 5, 8, 20])
+        return {"query": query, "max_results": n}, f"the top {n} results for {query}"
+    return {"query": query}, f"search results for {query}"
+
+
+def _timezone(rng):
+    city = rng.choice(CITIES)
+    return {"city": city}, f"the local time in {city}"
+
+
+def _flight(rng):
+    a, b = rng.sample(CITIES, 2)
+    day = rng.randint(1, 28)
+    date = f"2025-0{rng.randint(1, 9)}-{day:02d}"
+    if rng.random() < 0.4:
+        n = rng.randint(2, 4)
+        return {"origin": a, "destination": b, "date": date, "passengers": n}, f"flights from {a} to {b} on {date} for {n} passengers"
+    return {"origin": a, "destination": b, "date": date}, f"flights from {a} to {b} on {date}"
+
+
+def _average(rng):
+    numbers = [float(x) for x in rng.sample(range(1, 100), rng.randint(3, 5))]
+    return {"values": numbers}, f"the average of {[f'{x:g}' for x in numbers]}".replace("'", "")
+
+
+def _preferences(rng):
+    theme, lang = rng.choice(["dark", "light"]), rng.choice(["en", "fr", "de"])
+    return {"settings": {"theme": theme, "language": lang}}, f"my preferences set to theme {theme} and language {lang}"
+
+
+TOOLS = [
+    Tool("get_weather", "Get the current weather for a city.", {
+        "city": Param("str", "Name of the city, e.g. Paris."),
+        "unit": Param("str, optional", "Temperature unit: celsius or fahrenheit."),
+    }, _weather),
+    Tool("convert_currency", "Convert an amount of money from one currency to another.", {
+        "amount": Param("float", "The amount to convert."),
+        "from_currency": Param("str", "ISO code of the source currency."),
+        "to_currency": Param("str", "ISO code of the target currency."),
+    }, _currency),
+    Tool("get_stock_price", "Fetch the latest trading price of a stock.", {
+        "symbol": Param("str", "The ticker symbol, e.g. AAPL."),
+    }, _stock),
+    Tool("list_primes", "List the prime numbers below a limit.", {
+        "limit": Param("int", "Exclusive upper bound."),
+    }, _primes),
+    Tool("sort_numbers", "Sort a list of integers.", {
+        "numbers": Param("List[int]", "The integers to sort."),
+        "descending": Param("bool", "Sort from largest to smallest.", False, True),
+    }, _sort),
+    Tool("calculate_bmi", "Compute the body mass index.", {
+        "weight_kg": Param("float", "Body weight in kilograms."),
+        "height_m": Param("float", "Height in meters."),
+    }, _bmi),
+    Tool("translate_text", "Translate text into another language.", {
+        "text": Param("str", "The text to translate."),
+        "target_language": Param("str", "Language to translate into."),
+        "source_language": Param("Optional[str]", "Language of the text; detected when omitted."),
+    }, _translate),
+    Tool("search_products", "Search the product catalogue.", {
+        "query": Param("str", "Search terms."),
+        "max_results": Param("int", "How many results to return.", 10, True),
+    }, _products),
+    Tool("get_local_time", "Get the current local time in a city.", {
+        "city": Param("str", "Name of the city."),
+    }, _timezone),
+    Tool("search_flights", "Find flights between two cities on a date.", {
+        "origin": Param("str", "Departure city."),
+        "destination": Param("str", "Arrival city."),
+        "date": Param("str", "Departure date, YYYY-MM-DD."),
+        "passengers": Param("int", "Number of passengers.", 1, True),
+    }, _flight),
+    Tool("average", "Compute the arithmetic mean of numbers.", {
+        "values": Param("List[float]", "The numbers to average."),
+    }, _average),
+    Tool("set_preferences", "Update the user's app preferences.", {
+        "settings": Param("Dict[str, Any]", "Preference names and values, e.g. theme and language."),
+    }, _preferences),
+]
+
+OPENERS = ["Can you get me", "I need", "Please find", "Show me", "Could you look up", "Tell me", "Give me"]
+JOINERS = [", and also ", ". Then get ", ", plus ", "; also "]
+
+
+def draw_row(rng, category):
+    """One xLAM row of the given BFCL-style category; returns (tools listed, calls, query)."""
+    if category == "simple":
+        tool = rng.choice(TOOLS)
+        listed, called = [tool], [tool]
+    elif category == "multiple":
+        listed = rng.sample(TOOLS, rng.randint(2, 4))
+        called = [rng.choice(listed)]
+    elif category == "parallel":
+        tool = rng.choice(TOOLS)
+        listed, called = [tool], [tool] * rng.randint(2, 3)
+    else:  # parallel_multiple
+        listed = rng.sample(TOOLS, rng.randint(2, 4))
+        called = rng.sample(listed, 2)
+    calls, phrases = [], []
+    for tool in called:
+        args, phrase = tool.draw(rng)
+        calls.append({"name": tool.name, "arguments": args})
+        phrases.append(phrase)
+    query = rng.choice(OPENERS) + " " + rng.choice(JOINERS).join(phrases) + "?"
+    return listed, calls, query
+
+
+CATEGORIES = ["simple", "multiple", "parallel", "parallel_multiple"]
+BFCL_TYPES = {"str": "string", "int": "integer", "float": "float", "bool": "boolean"}
+
+
+def bfcl_param(p):
+    base = p.type.replace(", optional", "")
+    if base.startswith("Optional["):
+        base = base[len("Optional["):-1]
+    if base.startswith("List["):
+        spec = {"type": "array", "items": {"type": BFCL_TYPES[base[5:-1]]}}
+    elif base.startswith("Dict"):
+        spec = {"type": "dict", "properties": {}}
+    else:
+        spec = {"type": BFCL_TYPES[base]}
+    spec["description"] = p.description
+    if p.has_default:
+        spec["default"] = p.default
+    return spec
+
+
+def bfcl_entry(idx, category, listed, calls, query):
+    """The same sample as a BFCL question + possible answer (python types, "" = may be omitted)."""
+    functions = []
+    for tool in listed:
+        required = [n for n, p in tool.params.items() if not p.has_default and "optional" not in p.type.lower()]
+        functions.append({"name": tool.name, "description": tool.description, "parameters": {
+            "type": "dict", "properties": {n: bfcl_param(p) for n, p in tool.params.items()}, "required": required}})
+    ground_truth = []
+    by_name = {t.name: t for t in TOOLS}
+    for call in calls:
+        allowed = {}
+        for name, p in by_name[call["name"]].params.items():
+            if name in call["arguments"]:
+                value = call["arguments"][name]
+                allowed[name] = [{k: [v] for k, v in value.items()}] if isinstance(value, dict) else [value]
+            elif p.has_default:
+                allowed[name] = ["", p.default]
+            else:
+                allowed[name] = [""]
+        ground_truth.append({call["name"]: allowed})
+    entry_id = f"demo_{category}_{idx}"
+    question = {"id": entry_id, "question": [[{"role": "user", "content": query}]], "function": functions}
+    return question, {"id": entry_id, "ground_truth": ground_truth}
+
+
+def write_data(out, seed, n_train, n_heldout_per_category):
+    rng = random.Random(seed)
+    train_dir = out / "xlam_sample"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    rows, seen = [], set()
+    while len(rows) < n_train:
+        category = CATEGORIES[len(rows) % 4]
+        listed, calls, query = draw_row(rng, category)
+        seen.add(query)
+        rows.append({"id": len(rows), "query": query, "tools": json.dumps([t.xlam_spec() for t in listed]),
+                     "answers": json.dumps(calls)})
+    with open(train_dir / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    heldout = out / "bfcl_heldout"
+    (heldout / "possible_answer").mkdir(parents=True, exist_ok=True)
+    for category in CATEGORIES:
+        questions, answers = [], []
+        while len(questions) < n_heldout_per_category:
+            listed, calls, query = draw_row(rng, category)
+            if query in seen:  # held out means never trained on
+                continue
+            seen.add(query)
+            q, a = bfcl_entry(len(questions), category, listed, calls, query)
+            questions.append(q)
+            answers.append(a)
+        for folder, items in ((heldout, questions), (heldout / "possible_answer", answers)):
+            with open(folder / f"BFCL_v4_demo_{category}.json", "w") as f:
+                f.writelines(json.dumps(x) + "\n" for x in items)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer and model
+# ---------------------------------------------------------------------------------------------------------------
+
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_ADDED = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<tools>", "</tools>"]
+
+
+def qwen25_chat_template():
+    """Qwen2.5-Instruct's real chat template, as TRL ships it (so TRL recognises it and swaps in its training twin)."""
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+
+
+def build_tokenizer(rows, vocab_size):
+    corpus = [json.dumps(json.loads(r["tools"])) + "\n" + r["query"] + "\n" + json.dumps(json.loads(r["answers"])) for r in rows]
+    corpus.append(qwen25_chat_template())
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens(QWEN_ADDED)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="right",
+        additional_special_tokens=QWEN_SPECIAL[1:], chat_template=qwen25_chat_template(), model_max_length=4096,
+    )
+
+
+def build_model(tokenizer, seed):
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e6,
+        tie_word_embeddings=True, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="demo_assets", type=Path)
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--n-train", default=600, type=int, help="xLAM-schema training rows")
+    parser.add_argument("--n-heldout", default=10, type=int, help="held-out BFCL entries per category")
+    parser.add_argument("--vocab-size", default=2048, type=int)
+    args = parser.parse_args()
+
+    rows = write_data(args.out, args.seed, args.n_train, args.n_heldout)
+    tokenizer = build_tokenizer(rows, args.vocab_size)
+    model = build_model(tokenizer, args.seed)
+    model.save_pretrained(args.out / "tiny-qwen2")
+    tokenizer.save_pretrained(args.out / "tiny-qwen2")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {len(rows)} xLAM rows, {4 * args.n_heldout} held-out BFCL entries and a {n_params / 1e6:.2f}M-parameter "
+          f"Qwen2 model (vocab {len(tokenizer)}) to {args.out}/")
+
+
+if __name__ == "__main__":
+    main()
