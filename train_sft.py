@@ -216,6 +216,17 @@ def make_report_callback(accelerator, output_dir):
     return RunReportCallback()
 
 
+def last_complete_checkpoint(output_dir):
+    """The newest checkpoint-N with trainer_state.json (written last), so a run killed mid-save still resumes."""
+    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    complete = [c for c in checkpoints if (c / "trainer_state.json").is_file()]
+    for broken in set(checkpoints) - set(complete):
+        logger.warning("resume: ignoring incomplete checkpoint %s", broken)
+    if not complete:
+        raise SystemExit(f"train_sft.py: --resume_from_checkpoint true but no complete checkpoint in {output_dir}")
+    return str(complete[-1])
+
+
 def show_examples(trainer, n):
     """Print what the model sees; ⟦...⟧ marks the tokens that carry loss."""
     tokenizer = trainer.processing_class
@@ -289,7 +300,11 @@ def main(script_args, training_args, model_args):
 
         trainer.add_callback(EpochCheckpointCallback(trainer, script_args))
 
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint
+    if str(resume).lower() == "true":
+        resume = last_complete_checkpoint(training_args.output_dir)
+        logger.warning("resume: continuing from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
 
     # Intermediate checkpoints stay sharded (fast, resumable); the final model is gathered into one HF checkpoint.
     if trainer.is_fsdp_enabled:
