@@ -1,0 +1,524 @@
+"""Evaluate a model on the Berkeley Function-Calling Leaderboard (BFCL v4) single-turn categories, scored exactly as
+the official checker scores them (our implementation lives in function_calling.py and is tested against it).
+
+    python eval_bfcl.py --model Qwen/Qwen2.5-3B-Instruct --categories all --output-dir runs/bfcl/qwen2.5-3b
+    accelerate launch --num_processes 8 eval_bfcl.py --model ... --output-dir ...   # one slice of prompts per process
+    python eval_bfcl.py score --result-dir runs/bfcl/qwen2.5-3b                     # re-score, no model loaded
+    python eval_bfcl.py compare runs/bfcl/base runs/bfcl/sft                         # side by side
+
+Generation appends BFCL result files (`BFCL_v4_<category>_result.json`, one {"id", "result"} per line) after every
+batch; the same command run again generates only the ids still missing. Multi-turn and agentic categories are out
+of scope (they need executable environments), so the leaderboard's Overall score is not reported.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from function_calling import BFCL_DECODERS, bfcl_chat, is_relevance_category, score_bfcl_entry
+
+NON_LIVE = ["simple_python", "simple_java", "simple_javascript", "multiple", "parallel", "parallel_multiple", "irrelevance"]
+LIVE = ["live_simple", "live_multiple", "live_parallel", "live_parallel_multiple", "live_irrelevance", "live_relevance"]
+GROUPS = {"non_live": NON_LIVE, "live": LIVE, "all": NON_LIVE + LIVE}
+OUT_OF_SCOPE = ("multi_turn", "web_search", "memory", "format_sensitivity")
+SCOPE_NOTE = ("Single-turn categories only: multi-turn and agentic (web search, memory) categories are out of scope, "
+              "so the leaderboard's Overall accuracy (which weights them in) is not reported.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: BFCL_v4_<category>.json (+ possible_answer/BFCL_v4_<category>.json), one JSON object per line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def package_data_dir():
+    spec = importlib.util.find_spec("bfcl_eval")
+    if spec is None:
+        sys.exit("bfcl-eval is not installed (`make setup` installs it), so pass --data-dir with BFCL_v4_*.json files")
+    return Path(spec.submodule_search_locations[0]) / "data"
+
+
+def category_order(category):
+    known = NON_LIVE + LIVE
+    return (known.index(category) if category in known else len(known), category)
+
+
+def categories_in(data_dir):
+    names = [p.name[len("BFCL_v4_"):-len(".json")] for p in Path(data_dir).glob("BFCL_v4_*.json")]
+    return sorted((n for n in names if not n.startswith(OUT_OF_SCOPE)), key=category_order)
+
+
+def resolve_categories(requested, data_dir):
+    """Category names and groups -> categories present in data_dir. "all" is every in-scope file there."""
+    available = categories_in(data_dir)
+    chosen = []
+    for name in (n for item in requested for n in item.split(",") if n):
+        if name.startswith(OUT_OF_SCOPE):
+            sys.exit(f"{name}: multi-turn and agentic categories are out of scope for eval_bfcl.py. {SCOPE_NOTE}")
+        if name == "all":
+            members = available
+        elif name in GROUPS:
+            members = [c for c in GROUPS[name] if c in available]
+        elif name in available:
+            members = [name]
+        else:
+            sys.exit(f"unknown category {name!r}: {data_dir} has {', '.join(available) or 'no BFCL_v4_*.json files'}")
+        chosen += [c for c in members if c not in chosen]
+    if not chosen:
+        sys.exit(f"no categories selected from {data_dir}")
+    return chosen
+
+
+def read_jsonl(path):
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                sys.exit(f"{path}:{number}: not valid JSON ({err})")
+    return rows
+
+
+def load_category(data_dir, category):
+    """(entries, answers); answers are None for (ir)relevance categories, else aligned with entries by position,
+    as the official eval_runner aligns them."""
+    path = Path(data_dir) / f"BFCL_v4_{category}.json"
+    entries = read_jsonl(path)
+    for number, entry in enumerate(entries, 1):
+        missing = [k for k in ("id", "question", "function") if k not in entry]
+        if missing:
+            sys.exit(f"{path}:{number}: entry without {', '.join(missing)}")
+    if is_relevance_category(category):
+        return entries, None
+    answer_path = Path(data_dir) / "possible_answer" / f"BFCL_v4_{category}.json"
+    if not answer_path.exists():
+        sys.exit(f"{answer_path}: missing (every non-relevance category needs its possible answers)")
+    answers = read_jsonl(answer_path)
+    if len(answers) != len(entries):
+        sys.exit(f"{answer_path}: {len(answers)} answers for {len(entries)} entries in {path}")
+    for number, answer in enumerate(answers, 1):
+        if not isinstance(answer.get("ground_truth"), list):
+            sys.exit(f"{answer_path}:{number}: no ground_truth list")
+    return entries, answers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Result files: append as batches finish; on restart merge, dedupe and drop a truncated last line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def result_path(output_dir, category):
+    return Path(output_dir) / f"BFCL_v4_{category}_result.json"
+
+
+def rank_result_path(output_dir, category, rank):
+    return Path(output_dir) / f"BFCL_v4_{category}_result.rank{rank}.jsonl"
+
+
+def read_results(path):
+    """id -> raw result. The first line for an id wins; a truncated last line (a killed run) is ignored."""
+    results = {}
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                print(f"{path}:{number}: ignoring a truncated last line", file=sys.stderr)
+                continue
+            sys.exit(f"{path}:{number}: not valid JSON")
+        if not isinstance(row, dict) or "id" not in row or "result" not in row:
+            sys.exit(f"{path}:{number}: expected an object with `id` and `result`")
+        results.setdefault(row["id"], row["result"])
+    return results
+
+
+def write_jsonl_atomic(path, rows):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path, rows):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        f.flush()
+
+
+def consolidate_results(output_dir, category, entries):
+    """Merge the result file with per-rank partial files of an earlier multi-process run into one file in dataset
+    order, without duplicates. Returns the set of ids already done."""
+    path = result_path(output_dir, category)
+    partials = sorted(Path(output_dir).glob(f"BFCL_v4_{category}_result.rank*.jsonl"))
+    sources = ([path] if path.exists() else []) + partials
+    merged = {}
+    for source in sources:
+        for id_, result in read_results(source).items():
+            merged.setdefault(id_, result)
+    if merged or path.exists():
+        order = {entry["id"]: i for i, entry in enumerate(entries)}
+        ids = sorted(merged, key=lambda i: (order.get(i, len(order)), str(i)))
+        write_jsonl_atomic(path, [{"id": i, "result": merged[i]} for i in ids])
+    for partial in partials:
+        partial.unlink()
+    return set(merged)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def render_prompts(tokenizer, work, mode):
+    """The model's own chat template; in fc mode with `tools`, after checking that the template renders them."""
+    if tokenizer.chat_template is None:
+        sys.exit("the tokenizer has no chat template; eval_bfcl.py prompts through the model's chat template")
+    prompts = []
+    for category, entry in work:
+        messages, tools = bfcl_chat(entry, category, mode)
+        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        if tools and not prompts and tools[0]["function"]["name"] not in text:
+            sys.exit("the chat template ignores `tools`: use --mode prompt (BFCL's prompt-mode system prompt)")
+        prompts.append(text)
+    return prompts
+
+
+def generate_with_transformers(args, state, tokenizer, token_ids, write_batch):
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    device = state.device
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map={"": str(device)},
+                                                 trust_remote_code=args.trust_remote_code).eval()
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=sorted(eos_ids),
+                              pad_token_id=tokenizer.pad_token_id)
+    generated_tokens = 0
+    for start in tqdm(range(0, len(token_ids), args.batch_size), desc=f"generating (rank {state.process_index})",
+                      disable=not state.is_local_main_process):
+        batch = list(range(start, min(start + args.batch_size, len(token_ids))))
+        inputs = tokenizer.pad({"input_ids": [token_ids[i] for i in batch]}, return_tensors="pt").to(device)
+        with torch.inference_mode():
+            output = model.generate(**inputs, generation_config=config)
+        texts = []
+        for row in output[:, inputs["input_ids"].shape[1]:].tolist():
+            length = next((k + 1 for k, token in enumerate(row) if token in eos_ids), len(row))
+            generated_tokens += length
+            texts.append(tokenizer.decode(row[:length], skip_special_tokens=True))
+        write_batch(batch, texts)
+    return generated_tokens
+
+
+def generate_with_vllm(args, state, tokenizer, token_ids, write_batch):
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        sys.exit("--backend vllm needs vllm installed (pip install vllm)")
+    if state.num_processes > 1:
+        sys.exit("--backend vllm runs as one process; use --tensor-parallel-size instead of accelerate launch")
+    from tqdm.auto import tqdm
+
+    llm = LLM(model=args.model, dtype="auto" if args.dtype == "auto" else args.dtype, seed=0,
+              tensor_parallel_size=args.tensor_parallel_size, trust_remote_code=args.trust_remote_code)
+    sampling = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
+    generated_tokens, chunk = 0, max(256, args.batch_size)  # vLLM batches internally; chunks keep results flowing
+    for start in tqdm(range(0, len(token_ids), chunk), desc="generating (vllm)"):
+        batch = list(range(start, min(start + chunk, len(token_ids))))
+        outputs = llm.generate([{"prompt_token_ids": token_ids[i]} for i in batch], sampling, use_tqdm=False)
+        generated_tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+        write_batch(batch, [o.outputs[0].text for o in outputs])
+    return generated_tokens
+
+
+def device_name(state):
+    import torch
+
+    return torch.cuda.get_device_name(state.device) if state.device.type == "cuda" else state.device.type
+
+
+def run_generation(args):
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from transformers import AutoTokenizer
+
+    state = PartialState()
+    data_dir = Path(args.data_dir) if args.data_dir else package_data_dir()
+    categories = resolve_categories(args.categories, data_dir)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    datasets = {c: load_category(data_dir, c) for c in categories}
+    if args.limit:
+        datasets = {c: (e[:args.limit], a and a[:args.limit]) for c, (e, a) in datasets.items()}
+    if state.is_main_process:  # merge what an interrupted run left behind before anyone reads it
+        for category, (entries, _) in datasets.items():
+            consolidate_results(output_dir, category, entries)
+    state.wait_for_everyone()
+    done = {c: set(read_results(result_path(output_dir, c))) if result_path(output_dir, c).exists() else set()
+            for c in categories}
+    work = [(c, e) for c, (entries, _) in datasets.items() for e in entries if e["id"] not in done[c]]
+    skipped = sum(len(entries) for entries, _ in datasets.values()) - len(work)
+    if state.is_main_process:
+        print(f"{len(work)} prompts to generate over {', '.join(categories)} ({skipped} already in {output_dir})")
+
+    start_time = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    prompts = render_prompts(tokenizer, work, args.mode)
+    token_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]  # template has the specials
+    # Longest first, so padding per batch is small and an out-of-memory shows up at once; ranks take turns.
+    order = sorted(range(len(work)), key=lambda i: -len(token_ids[i]))[state.process_index::state.num_processes]
+    my_work, my_ids = [work[i] for i in order], [token_ids[i] for i in order]
+
+    def write_batch(batch, texts):
+        by_category = defaultdict(list)
+        for i, text in zip(batch, texts):
+            by_category[my_work[i][0]].append({"id": my_work[i][1]["id"], "result": text})
+        for category, rows in by_category.items():
+            path = result_path(output_dir, category) if state.num_processes == 1 else \
+                rank_result_path(output_dir, category, state.process_index)
+            append_jsonl(path, rows)
+
+    generate = generate_with_vllm if args.backend == "vllm" else generate_with_transformers
+    gen_start = time.time()
+    tokens = generate(args, state, tokenizer, my_ids, write_batch) if my_ids else 0
+    per_rank = gather_object([{"prompts": len(my_ids), "tokens": tokens}])  # also waits for every rank
+    gen_time = time.time() - gen_start
+    if not state.is_main_process:
+        return
+    for category, (entries, _) in datasets.items():
+        consolidate_results(output_dir, category, entries)
+    prompts_done, tokens_done = sum(r["prompts"] for r in per_rank), sum(r["tokens"] for r in per_rank)
+    stats = {
+        "model": args.model, "backend": args.backend, "mode": args.mode, "decoder": args.decoder,
+        "data_dir": str(data_dir.resolve()), "categories": categories, "limit": args.limit,
+        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "dtype": args.dtype,
+        "device": f"{state.num_processes} x {device_name(state)}", "num_processes": state.num_processes,
+        "prompts_generated": prompts_done, "prompts_already_done": skipped, "generated_tokens": tokens_done,
+        "wall_time_s": round(gen_time, 2), "total_wall_time_s": round(time.time() - start_time, 2),
+        "prompts_per_s": round(prompts_done / gen_time, 3) if prompts_done else None,
+        "generated_tokens_per_s": round(tokens_done / gen_time, 1) if prompts_done else None,
+    }
+    (output_dir / "generation.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"generated {prompts_done} prompts in {gen_time:.1f}s on {stats['device']} "
+          f"({stats['prompts_per_s']} prompts/s, {stats['generated_tokens_per_s']} generated tokens/s)")
+    if not args.no_score:
+        run_score(output_dir, output_dir, data_dir, args.decoder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring and aggregation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def find_result_files(result_dir):
+    files = {}
+    for path in sorted(Path(result_dir).rglob("BFCL_v4_*_result.json")):
+        category = path.name[len("BFCL_v4_"):-len("_result.json")]
+        if category in files:
+            sys.exit(f"two result files for {category}: {files[category]} and {path}; point --result-dir at one model's folder")
+        files[category] = path
+    return files
+
+
+def score_category(category, results, entries, answers, decoder):
+    """Per-entry verdicts (dataset order, entries with a result only) and {accuracy, correct, total, expected}."""
+    known = {entry["id"] for entry in entries}
+    unknown = [i for i in results if i not in known]
+    if unknown:
+        print(f"{category}: ignoring {len(unknown)} result ids not in the data set (e.g. {unknown[0]})", file=sys.stderr)
+    rows = []
+    for index, entry in enumerate(entries):
+        if entry["id"] not in results:
+            continue
+        raw = results[entry["id"]]
+        truth = answers[index]["ground_truth"] if answers else None
+        verdict = score_bfcl_entry(entry, raw, category, ground_truth=truth, decoder=decoder)
+        row = {"id": entry["id"], "valid": verdict["valid"]}
+        if not verdict["valid"]:
+            row.update(error_type=verdict["error_type"], error=verdict["error"], model_result=raw)
+            if "decoded" in verdict:
+                row["decoded"] = verdict["decoded"]
+        rows.append(row)
+    correct = sum(row["valid"] for row in rows)
+    return rows, {"accuracy": correct / len(rows) if rows else None, "correct": correct, "total": len(rows),
+                  "expected": len(entries)}
+
+
+def _mean(formula, parts, weighted=False):
+    """parts: (name, {accuracy, total} or None). Unweighted or entry-weighted mean, when every part was run."""
+    present = [score for _, score in parts if score is not None and score["accuracy"] is not None]
+    missing = [name for name, score in parts if score is None or score["accuracy"] is None]
+    if not present:
+        return {"accuracy": None, "status": "not run", "formula": formula}
+    if missing:
+        return {"accuracy": None, "status": f"incomplete (missing {', '.join(missing)})", "formula": formula}
+    total = sum(score["total"] for score in present)
+    if weighted:
+        accuracy = sum(score["accuracy"] * score["total"] for score in present) / total
+    else:
+        accuracy = sum(score["accuracy"] for score in present) / len(present)
+    return {"accuracy": accuracy, "total": total, "status": "ok", "formula": formula}
+
+
+def aggregate_scores(scores):
+    """The leaderboard's summary columns from per-category {accuracy, total}. An aggregate is reported only when all
+    its categories were run, as the official table shows N/A otherwise."""
+    part = lambda c: (c, scores.get(c))  # noqa: E731
+    simple = _mean("unweighted mean of simple_python, simple_java, simple_javascript",
+                   [part("simple_python"), part("simple_java"), part("simple_javascript")])
+    aggregates = {
+        "Simple AST": simple,
+        "Non-Live AST": _mean("unweighted mean of simple (above), multiple, parallel, parallel_multiple",
+                              [("simple", simple), part("multiple"),
+                               part("parallel"), part("parallel_multiple")]),
+        "Live AST": _mean("mean of live_simple, live_multiple, live_parallel, live_parallel_multiple weighted by entries",
+                          [part("live_simple"), part("live_multiple"), part("live_parallel"), part("live_parallel_multiple")],
+                          weighted=True),
+        "Irrelevance": _mean("unweighted mean of irrelevance, live_irrelevance",
+                             [part("irrelevance"), part("live_irrelevance")]),
+        "Relevance": _mean("live_relevance", [part("live_relevance")]),
+    }
+    custom = [c for c in scores if c not in NON_LIVE + LIVE]
+    if custom:
+        aggregates["overall (custom)"] = _mean("unweighted mean of " + ", ".join(custom), [part(c) for c in custom])
+    return aggregates
+
+
+def percent(value):
+    return "not run" if value is None else f"{100 * value:.2f}"
+
+
+def summary_markdown(summary):
+    scores, lines = summary["categories"], [f"# BFCL v4 results ({summary['decoder']} decoder)", ""]
+    official_run = any(c in NON_LIVE + LIVE for c in scores)
+    rows = [c for c in NON_LIVE + LIVE if official_run] + sorted(c for c in scores if c not in NON_LIVE + LIVE)
+    lines += ["| category | accuracy (%) | correct / total |", "|---|---:|---:|"]
+    for c in rows:
+        s = scores.get(c)
+        count = ""
+        if s:
+            count = f"{s['correct']} / {s['total']}" + (f" (of {s['expected']})" if s["total"] != s["expected"] else "")
+        lines.append(f"| {c} | {percent(s and s['accuracy'])} | {count} |")
+    lines += ["", "| aggregate | accuracy (%) | how |", "|---|---:|---|"]
+    for name, agg in summary["aggregates"].items():
+        if official_run or name == "overall (custom)":
+            value = percent(agg["accuracy"]) if agg["status"] in ("ok", "not run") else agg["status"]
+            lines.append(f"| {name} | {value} | {agg['formula']} |")
+    generation = summary.get("generation")
+    if generation:
+        lines += ["", f"Generated with `{generation['model']}` ({generation['backend']}, {generation['mode']} mode) on "
+                  f"{generation['device']}: {generation['prompts_generated']} prompts in {generation['wall_time_s']}s, "
+                  f"{generation['prompts_per_s']} prompts/s, {generation['generated_tokens_per_s']} generated tokens/s."]
+    return "\n".join(lines + ["", SCOPE_NOTE, ""])
+
+
+def run_score(result_dir, output_dir=None, data_dir=None, decoder=None):
+    result_dir = Path(result_dir)
+    output_dir = Path(output_dir or result_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    generation_file = result_dir / "generation.json"
+    generation = json.loads(generation_file.read_text()) if generation_file.exists() else None
+    data_dir = Path(data_dir or (generation or {}).get("data_dir") or package_data_dir())
+    decoder = decoder or (generation or {}).get("decoder") or "qwen"
+    files = find_result_files(result_dir)
+    if not files:
+        sys.exit(f"no BFCL_v4_*_result.json files under {result_dir}")
+    scores = {}
+    for category in sorted(files, key=category_order):
+        if category.startswith(OUT_OF_SCOPE):
+            print(f"skipping {files[category]}: {SCOPE_NOTE}", file=sys.stderr)
+            continue
+        if not (data_dir / f"BFCL_v4_{category}.json").exists():
+            sys.exit(f"{files[category]}: no BFCL_v4_{category}.json in {data_dir} (pass --data-dir)")
+        entries, answers = load_category(data_dir, category)
+        rows, scores[category] = score_category(category, read_results(files[category]), entries, answers, decoder)
+        write_jsonl_atomic(output_dir / f"BFCL_v4_{category}_score.json", rows)
+    summary = {"scope": SCOPE_NOTE, "decoder": decoder, "data_dir": str(data_dir), "categories": scores,
+               "aggregates": aggregate_scores(scores), "not_run": [c for c in NON_LIVE + LIVE if c not in scores],
+               "generation": generation}
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    markdown = summary_markdown(summary)
+    (output_dir / "summary.md").write_text(markdown)
+    print(markdown)
+    return summary
+
+
+def run_compare(dirs):
+    summaries = []
+    for d in dirs:
+        path = Path(d) / "summary.json"
+        if not path.exists():
+            sys.exit(f"{path} not found: run `python eval_bfcl.py score --result-dir {d}` first")
+        summaries.append(json.loads(path.read_text()))
+    categories = sorted({c for s in summaries for c in s["categories"]}, key=category_order)
+    official_run = any(c in NON_LIVE + LIVE for c in categories)
+    rows = [(c, [s["categories"].get(c, {}).get("accuracy") for s in summaries])
+            for c in ([c for c in NON_LIVE + LIVE if official_run] + [c for c in categories if c not in NON_LIVE + LIVE])]
+    names = [n for n in summaries[0]["aggregates"] if official_run or n == "overall (custom)"]
+    names += [n for s in summaries for n in s["aggregates"] if n not in names and n == "overall (custom)"]
+    rows += [(f"**{n}**", [s["aggregates"].get(n, {}).get("accuracy") for s in summaries]) for n in names]
+    header = ["category"] + list(dirs) + [f"Δ {d}" for d in dirs[1:]]
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    for name, values in rows:
+        deltas = ["" if v is None or values[0] is None else f"{100 * (v - values[0]):+.2f}" for v in values[1:]]
+        lines.append("| " + " | ".join([name] + [percent(v) for v in values] + deltas) + " |")
+    print("\n".join(lines + ["", "Accuracy in %; Δ in points against the first column. " + SCOPE_NOTE]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["score"]:
+        parser = argparse.ArgumentParser(prog="eval_bfcl.py score", description="Score existing BFCL result files.")
+        parser.add_argument("--result-dir", required=True, help="searched recursively for BFCL_v4_*_result.json")
+        parser.add_argument("--output-dir", help="where score files and summaries go (default: --result-dir)")
+        parser.add_argument("--data-dir", help="BFCL_v4_*.json + possible_answer/ (default: the run's, else bfcl-eval's)")
+        parser.add_argument("--decoder", choices=sorted(BFCL_DECODERS), help="default: the run's, else qwen")
+        args = parser.parse_args(argv[1:])
+        run_score(args.result_dir, args.output_dir, args.data_dir, args.decoder)
+        return
+    if argv[:1] == ["compare"]:
+        parser = argparse.ArgumentParser(prog="eval_bfcl.py compare", description="Compare scored runs side by side.")
+        parser.add_argument("dirs", nargs="+", help="output folders holding summary.json")
+        run_compare(parser.parse_args(argv[1:]).dirs)
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="local path or Hugging Face hub id")
+    parser.add_argument("--categories", nargs="+", default=["all"], help="categories or groups: all, non_live, live")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--data-dir", help="BFCL_v4_<category>.json + possible_answer/ (default: bfcl-eval's v4 data)")
+    parser.add_argument("--mode", choices=["fc", "prompt"], default="fc",
+                        help="fc: functions as chat-template tools; prompt: BFCL's system prompt, Python-style calls")
+    parser.add_argument("--decoder", choices=sorted(BFCL_DECODERS), help="default: qwen in fc mode, python in prompt mode")
+    parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="the longest BFCL answers are ~400 tokens")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                        help="auto: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--limit", type=int, help="only the first N entries of each category (smoke tests)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--no-score", action="store_true", help="generate only")
+    args = parser.parse_args(argv)
+    args.decoder = args.decoder or ("qwen" if args.mode == "fc" else "python")
+    run_generation(args)
+
+
+if __name__ == "__main__":
+    main()
