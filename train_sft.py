@@ -187,12 +187,13 @@ def make_report_callback(accelerator, output_dir):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs is None or "num_tokens" not in logs:
                 return
-            now = time.perf_counter()
+            now, extra = time.perf_counter(), {k: round(v, 3) for k, v in peak_memory_gb().items()}
             if self.last is not None and now > self.last[0]:
                 real_tokens = logs["num_tokens"] - self.last[1]  # TRL counts non-padding tokens over all ranks
-                logs["tokens_per_second_per_device"] = round(real_tokens / (now - self.last[0]) / accelerator.num_processes, 1)
+                extra["tokens_per_second_per_device"] = round(real_tokens / (now - self.last[0]) / accelerator.num_processes, 1)
             self.last = (now, logs["num_tokens"])
-            logs.update({k: round(v, 3) for k, v in peak_memory_gb().items()})
+            logs.update(extra)  # seen by the trackers (W&B, TensorBoard) that run after this callback
+            state.log_history[-1].update(extra)  # the Trainer stored a copy before calling us
 
         def on_train_end(self, args, state, control, **kwargs):
             import torch

@@ -6,8 +6,6 @@ If an accelerate upgrade breaks the patch, the sharding assertions here fail.
 """
 
 import json
-import os
-import signal
 import subprocess
 import time
 
@@ -83,13 +81,16 @@ def test_killed_run_resumes_with_identical_losses(demo_recipe, tmp_path):
     # the same run, killed (SIGKILL, the whole process group) once its first checkpoint is on disk
     interrupted = demo_recipe(output_dir=str(tmp_path / "interrupted"))
     cmd = [ACCELERATE, "launch", "--config_file", REPO / "accelerate_configs" / "cpu_fsdp_full.yaml", "train_sft.py", interrupted, *args]
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = tmp_path / "interrupted" / "checkpoint-4" / "trainer_state.json"
     deadline = time.time() + 300
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # torchrun starts each worker in its own session, so kill every process whose command line names this recipe
+    subprocess.run(["pkill", "-KILL", "-f", str(interrupted)], check=False)
     proc.wait()
+    time.sleep(1)
+    assert subprocess.run(["pgrep", "-f", str(interrupted)], capture_output=True).returncode == 1, "a worker survived"
     assert first.exists(), "the run never wrote its first checkpoint"
     assert not (tmp_path / "interrupted" / "model.safetensors").exists(), "the run finished before it was killed"
 
