@@ -203,7 +203,7 @@ def make_report_callback(accelerator, output_dir):
             if accelerator.is_main_process:
                 summary = {
                     "distributed_type": str(accelerator.distributed_type),
-                    "fsdp_version": getattr(accelerator.state.fsdp_plugin, "fsdp_version", None),
+                    "fsdp_version": getattr(getattr(accelerator.state, "fsdp_plugin", None), "fsdp_version", None),
                     "num_processes": accelerator.num_processes,
                     "sharding": self.sharding,
                     "peak_memory_per_rank": [dict(zip(memory, row)) for row in per_rank],
@@ -257,7 +257,7 @@ def main(script_args, training_args, model_args):
             os.environ.setdefault("WANDB_PROJECT", script_args.wandb_project)
         if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
             os.environ["WANDB_MODE"] = "offline"  # no account needed; `wandb sync` uploads later
-            logger.warning("wandb: no WANDB_API_KEY, logging offline to ./wandb")
+            logger.warning("wandb: no WANDB_API_KEY, logging offline to %s/wandb", os.environ.get("WANDB_DIR", "."))
     if os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false") == "true" and training_args.activation_checkpointing:
         # The accelerate config asked FSDP to checkpoint; doing it twice is an error in transformers.
         logger.warning("activation checkpointing comes from the FSDP config; turning off the recipe's gradient_checkpointing")

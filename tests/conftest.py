@@ -39,7 +39,7 @@ def demo_recipe(assets, tmp_path):
     def write(**overrides):
         recipe = yaml.safe_load((REPO / "recipes" / "demo_cpu.yaml").read_text())
         recipe.update(model_name_or_path=str(assets / "tiny-qwen2"), dataset_name=str(assets / "xlam_sample" / "train.jsonl"),
-                      output_dir=str(tmp_path / "out"))
+                      output_dir=str(tmp_path / "out"), report_to=["none"])  # tests opt in to W&B
         recipe.update(overrides)
         path = tmp_path / f"recipe_{len(list(tmp_path.glob('recipe_*')))}.yaml"
         path.write_text(yaml.safe_dump(recipe))

@@ -140,3 +140,20 @@ def test_loss_mask_is_exactly_the_assistant_turn(assets, demo_recipe):
         assert trained == expected
         n_tokens, n_trained = map(int, re.match(r"\d+: (\d+) tokens, (\d+) trained", text).groups())
         assert 0 < n_trained < n_tokens
+
+
+def test_single_process_training_logs_to_wandb_offline(demo_recipe, tmp_path):
+    """No account, no network: W&B logs offline; the summary reports real-token throughput and peak memory."""
+    import os
+
+    env = {**os.environ, "WANDB_DIR": str(tmp_path)}
+    env.pop("WANDB_MODE", None)
+    env.pop("WANDB_API_KEY", None)
+    proc = run([PYTHON, "train_sft.py", demo_recipe(report_to=["wandb"]), "--max_steps", "3", "--logging_steps", "1",
+                "--per_device_train_batch_size", "2"], env=env)
+    assert "logging offline" in proc.stderr
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert summary["distributed_type"] == "DistributedType.NO" and summary["num_processes"] == 1
+    logs = [log for log in summary["log_history"] if "loss" in log]
+    assert logs[-1]["tokens_per_second_per_device"] > 0 and logs[-1]["peak_rss_gb"] > 0.1
