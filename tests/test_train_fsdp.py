@@ -106,3 +106,20 @@ def test_patch_is_inactive_without_an_fsdp_launch(demo_recipe):
     proc = run([PYTHON, "train_sft.py", demo_recipe(), "--show_examples", "1"])
     assert "cpu_fsdp" not in proc.stderr
     assert not torch.cuda.is_available()  # these tests are the CPU path; GPU runs never reach the patch
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "accelerate_configs").glob("*.yaml")))
+def test_accelerate_configs_load(config):
+    """Every config loads with accelerate's own loader; FSDP configs use FSDP2 and decoder-layer wrapping."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(REPO / "accelerate_configs" / config))
+    if cfg.distributed_type == "FSDP":
+        fsdp = cfg.fsdp_config
+        assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert fsdp["fsdp_transformer_layer_cls_to_wrap"].endswith("DecoderLayer")
+        assert fsdp["fsdp_version"] == 2 or "FSDP1" in (REPO / "accelerate_configs" / config).read_text()
+        assert fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    if cfg.parallelism_config:
+        sizes = cfg.parallelism_config
+        assert sizes["parallelism_config_dp_replicate_size"] * sizes["parallelism_config_dp_shard_size"] == cfg.num_processes
