@@ -7,6 +7,8 @@ Writes
     demo_assets/xlam_sample/train.jsonl      rows {id, query, tools, answers} exactly as Salesforce/xlam-function-calling-60k
     demo_assets/bfcl_heldout/BFCL_v4_demo_<category>.json (+ possible_answer/)  questions the model never trains on
     demo_assets/tiny-qwen2/                  Qwen2ForCausalLM + tokenizer with Qwen2.5's real chat template (from TRL)
+    demo_assets/dolly_sample/train.jsonl     rows {instruction, context, response, category} as databricks/databricks-dolly-15k
+    demo_assets/tiny-opt/                    OPTForCausalLM + a byte-level BPE tokenizer that, like OPT's, prepends </s>
 """
 
 import argparse
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import GPT2Tokenizer, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 # ---------------------------------------------------------------------------------------------------------------
 # A small tool library: each tool knows its xLAM spec and how to draw (arguments, the phrase that asks for them).
@@ -331,6 +333,87 @@ def build_model(tokenizer, seed):
     return model
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Dolly-15k-format sample and a tiny OPT model: the offline stand-ins for recipes/dolly_opt.yaml
+# ---------------------------------------------------------------------------------------------------------------
+
+FACTS = [  # city, country, river, a landmark, population in millions
+    ("Paris", "France", "Seine", "the Eiffel Tower", 2.1), ("Tokyo", "Japan", "Sumida", "the Senso-ji temple", 14.0),
+    ("Berlin", "Germany", "Spree", "the Brandenburg Gate", 3.7), ("Lima", "Peru", "Rimac", "the Plaza Mayor", 10.0),
+    ("Cairo", "Egypt", "Nile", "the Cairo Citadel", 10.1), ("Oslo", "Norway", "Akerselva", "the Opera House", 0.7),
+    ("Madrid", "Spain", "Manzanares", "the Prado Museum", 3.3), ("Seoul", "South Korea", "Han", "Gyeongbokgung", 9.4),
+    ("Hanoi", "Vietnam", "Red River", "the Temple of Literature", 8.4), ("Toronto", "Canada", "Don", "the CN Tower", 2.8),
+]
+PACKING = ["a warm coat", "comfortable shoes", "an umbrella", "a power adapter", "a phrase book", "sunscreen", "a map"]
+FRUITS, VEGETABLES = ["apple", "mango", "pear", "cherry", "banana"], ["carrot", "leek", "spinach", "potato", "onion"]
+
+
+def draw_dolly_row(rng):
+    """One row in Dolly-15k's schema; half of the kinds come with a context passage (closed QA, summarization,
+    information extraction), as in the real data."""
+    city, country, river, landmark, millions = rng.choice(FACTS)
+    passage = (f"{city} is a city in {country}. The {river} flows through it, and {landmark} is one of its best-known "
+               f"sights. About {millions:g} million people live in the {city} area.")
+    kind = rng.choice(["open_qa", "closed_qa", "summarization", "brainstorming", "classification", "information_extraction"])
+    if kind == "open_qa":
+        return {"instruction": f"Which country is {city} in?", "context": "", "response": f"{city} is in {country}.", "category": kind}
+    if kind == "closed_qa":
+        return {"instruction": f"How many people live in {city}?", "context": passage,
+                "response": f"About {millions:g} million people live in the {city} area.", "category": kind}
+    if kind == "summarization":
+        return {"instruction": f"Summarize this text about {city} in one sentence.", "context": passage,
+                "response": f"{city} is a city of about {millions:g} million people in {country}, on the {river}.", "category": kind}
+    if kind == "brainstorming":
+        items = rng.sample(PACKING, 3)
+        return {"instruction": f"Give me three things to pack for a trip to {city}.", "context": "",
+                "response": f"1. {items[0].capitalize()}\n2. {items[1].capitalize()}\n3. {items[2].capitalize()}", "category": kind}
+    if kind == "classification":
+        words = rng.sample(FRUITS, 2) + rng.sample(VEGETABLES, 2)
+        rng.shuffle(words)
+        labels = ", ".join(f"{w}: {'fruit' if w in FRUITS else 'vegetable'}" for w in words)
+        return {"instruction": f"Classify each as a fruit or a vegetable: {', '.join(words)}.", "context": "",
+                "response": labels, "category": kind}
+    return {"instruction": "Which river and which sight does the text mention?", "context": passage,
+            "response": f"The {river} and {landmark}.", "category": kind}
+
+
+def write_dolly(out, seed, n_rows):
+    rng = random.Random(seed + 1)  # its own stream: the xLAM and BFCL files stay byte-identical
+    rows = [draw_dolly_row(rng) for _ in range(n_rows)]
+    (out / "dolly_sample").mkdir(parents=True, exist_ok=True)
+    with open(out / "dolly_sample" / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return rows
+
+
+OPT_SPECIAL = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0-3, as in facebook/opt-*
+
+
+def build_opt_tokenizer(rows, vocab_size):
+    """Byte-level BPE loaded through GPT2Tokenizer like facebook/opt-*: bos = eos = </s>, prepended to every text."""
+    corpus = [f"### Instruction:\n{r['instruction']}\n\n### Context:\n{r['context']}\n\n### Response:\n{r['response']}" for r in rows]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=OPT_SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    model = json.loads(tok.to_str())["model"]
+    return GPT2Tokenizer(vocab=model["vocab"], merges=[tuple(pair) for pair in model["merges"]], bos_token="</s>",
+                         eos_token="</s>", unk_token="</s>", pad_token="<pad>", add_bos_token=True,
+                         model_max_length=2048, padding_side="right")
+
+
+def build_opt_model(tokenizer, seed):
+    torch.manual_seed(seed)
+    config = OPTConfig(
+        vocab_size=len(tokenizer), hidden_size=64, word_embed_proj_dim=64, ffn_dim=256, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=2048, do_layer_norm_before=True, activation_function="relu",
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    return OPTForCausalLM(config)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_assets", type=Path)
@@ -338,6 +421,7 @@ def main():
     parser.add_argument("--n-train", default=600, type=int, help="xLAM-schema training rows")
     parser.add_argument("--n-heldout", default=10, type=int, help="held-out BFCL entries per category")
     parser.add_argument("--vocab-size", default=2048, type=int)
+    parser.add_argument("--n-dolly", default=48, type=int, help="Dolly-15k-format rows for the tiny OPT recipe test")
     args = parser.parse_args()
 
     rows = write_data(args.out, args.seed, args.n_train, args.n_heldout)
@@ -348,6 +432,14 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {len(rows)} xLAM rows, {4 * args.n_heldout} held-out BFCL entries and a {n_params / 1e6:.2f}M-parameter "
           f"Qwen2 model (vocab {len(tokenizer)}) to {args.out}/")
+
+    dolly_rows = write_dolly(args.out, args.seed, args.n_dolly)
+    opt_tokenizer = build_opt_tokenizer(dolly_rows, vocab_size=1024)
+    opt_model = build_opt_model(opt_tokenizer, args.seed)
+    opt_model.save_pretrained(args.out / "tiny-opt")
+    opt_tokenizer.save_pretrained(args.out / "tiny-opt")
+    print(f"wrote {len(dolly_rows)} Dolly-format rows and a {sum(p.numel() for p in opt_model.parameters()) / 1e6:.2f}M-parameter "
+          f"OPT model (vocab {len(opt_tokenizer)}) to {args.out}/")
 
 
 if __name__ == "__main__":

@@ -192,6 +192,8 @@ def make_report_callback(accelerator, output_dir):
                 real_tokens = logs["num_tokens"] - self.last[1]  # TRL counts non-padding tokens over all ranks
                 extra["tokens_per_second_per_device"] = round(real_tokens / (now - self.last[0]) / accelerator.num_processes, 1)
             self.last = (now, logs["num_tokens"])
+            if getattr(accelerator, "scaler", None) is not None:  # fp16: the dynamic loss scale should move
+                extra["loss_scale"] = accelerator.scaler.get_scale()
             logs.update(extra)  # seen by the trackers (W&B, TensorBoard) that run after this callback
             state.log_history[-1].update(extra)  # the Trainer stored a copy before calling us
 
