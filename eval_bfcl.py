@@ -2,9 +2,9 @@
 the official checker scores them (our implementation lives in function_calling.py and is tested against it).
 
     python eval_bfcl.py --model Qwen/Qwen2.5-3B-Instruct --categories all --output-dir runs/bfcl/qwen2.5-3b
-    accelerate launch --num_processes 8 eval_bfcl.py --model ... --output-dir ...   # one slice of prompts per process
-    python eval_bfcl.py score --result-dir runs/bfcl/qwen2.5-3b                     # re-score, no model loaded
-    python eval_bfcl.py compare runs/bfcl/base runs/bfcl/sft                         # side by side
+    accelerate launch --multi_gpu --num_processes 8 eval_bfcl.py --model ... --output-dir ...  # a slice per process
+    python eval_bfcl.py score --result-dir runs/bfcl/qwen2.5-3b                                 # no model loaded
+    python eval_bfcl.py compare runs/bfcl/base runs/bfcl/sft                                     # side by side
 
 Generation appends BFCL result files (`BFCL_v4_<category>_result.json`, one {"id", "result"} per line) after every
 batch; the same command run again generates only the ids still missing. Multi-turn and agentic categories are out
@@ -12,17 +12,19 @@ of scope (they need executable environments), so the leaderboard's Overall score
 """
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from function_calling import BFCL_DECODERS, bfcl_chat, is_relevance_category, score_bfcl_entry
 
-NON_LIVE = ["simple_python", "simple_java", "simple_javascript", "multiple", "parallel", "parallel_multiple", "irrelevance"]
+NON_LIVE = ["simple_python", "simple_java", "simple_javascript", "multiple", "parallel", "parallel_multiple",
+            "irrelevance"]
 LIVE = ["live_simple", "live_multiple", "live_parallel", "live_parallel_multiple", "live_irrelevance", "live_relevance"]
 GROUPS = {"non_live": NON_LIVE, "live": LIVE, "all": NON_LIVE + LIVE}
 OUT_OF_SCOPE = ("multi_turn", "web_search", "memory", "format_sensitivity")
@@ -75,7 +77,7 @@ def resolve_categories(requested, data_dir):
 
 def read_jsonl(path):
     rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -123,7 +125,7 @@ def rank_result_path(output_dir, category, rank):
 def read_results(path):
     """id -> raw result. The first line for an id wins; a truncated last line (a killed run) is ignored."""
     results = {}
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = Path(path).read_text(encoding="utf-8").rstrip("\n").split("\n")
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -142,13 +144,13 @@ def read_results(path):
 
 def write_jsonl_atomic(path, rows):
     tmp = Path(f"{path}.tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")  # ASCII: one line per row
     os.replace(tmp, path)
 
 
 def append_jsonl(path, rows):
     with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
         f.flush()
 
 
@@ -180,12 +182,14 @@ def render_prompts(tokenizer, work, mode):
     """The model's own chat template; in fc mode with `tools`, after checking that the template renders them."""
     if tokenizer.chat_template is None:
         sys.exit("the tokenizer has no chat template; eval_bfcl.py prompts through the model's chat template")
-    prompts = []
+    prompts, checked = [], False
     for category, entry in work:
         messages, tools = bfcl_chat(entry, category, mode)
         text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
-        if tools and not prompts and tools[0]["function"]["name"] not in text:
-            sys.exit("the chat template ignores `tools`: use --mode prompt (BFCL's prompt-mode system prompt)")
+        if tools and not checked:
+            if tools[0]["function"]["name"] not in text:
+                sys.exit("the chat template ignores `tools`: use --mode prompt (BFCL's prompt-mode system prompt)")
+            checked = True
         prompts.append(text)
     return prompts
 
@@ -204,7 +208,7 @@ def generate_with_transformers(args, state, tokenizer, token_ids, write_batch):
     eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=sorted(eos_ids),
                               pad_token_id=tokenizer.pad_token_id)
-    generated_tokens = 0
+    generated_tokens, start_time = 0, time.time()
     for start in tqdm(range(0, len(token_ids), args.batch_size), desc=f"generating (rank {state.process_index})",
                       disable=not state.is_local_main_process):
         batch = list(range(start, min(start + args.batch_size, len(token_ids))))
@@ -217,7 +221,7 @@ def generate_with_transformers(args, state, tokenizer, token_ids, write_batch):
             generated_tokens += length
             texts.append(tokenizer.decode(row[:length], skip_special_tokens=True))
         write_batch(batch, texts)
-    return generated_tokens
+    return generated_tokens, time.time() - start_time
 
 
 def generate_with_vllm(args, state, tokenizer, token_ids, write_batch):
@@ -232,46 +236,21 @@ def generate_with_vllm(args, state, tokenizer, token_ids, write_batch):
     llm = LLM(model=args.model, dtype="auto" if args.dtype == "auto" else args.dtype, seed=0,
               tensor_parallel_size=args.tensor_parallel_size, trust_remote_code=args.trust_remote_code)
     sampling = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
-    generated_tokens, chunk = 0, max(256, args.batch_size)  # vLLM batches internally; chunks keep results flowing
+    generated_tokens, chunk, start_time = 0, max(256, args.batch_size), time.time()  # chunks keep results flowing
     for start in tqdm(range(0, len(token_ids), chunk), desc="generating (vllm)"):
         batch = list(range(start, min(start + chunk, len(token_ids))))
         outputs = llm.generate([{"prompt_token_ids": token_ids[i]} for i in batch], sampling, use_tqdm=False)
         generated_tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
         write_batch(batch, [o.outputs[0].text for o in outputs])
-    return generated_tokens
+    return generated_tokens, time.time() - start_time
 
 
-def device_name(state):
-    import torch
-
-    return torch.cuda.get_device_name(state.device) if state.device.type == "cuda" else state.device.type
-
-
-def run_generation(args):
-    from accelerate import PartialState
+def generate_missing(args, state, work, output_dir):
+    """Generate this rank's share of `work` [(category, entry)], appending results as batches finish.
+    Returns (prompts, generated tokens) summed over ranks and the generation wall time (model loading excluded)."""
     from accelerate.utils import gather_object
     from transformers import AutoTokenizer
 
-    state = PartialState()
-    data_dir = Path(args.data_dir) if args.data_dir else package_data_dir()
-    categories = resolve_categories(args.categories, data_dir)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    datasets = {c: load_category(data_dir, c) for c in categories}
-    if args.limit:
-        datasets = {c: (e[:args.limit], a and a[:args.limit]) for c, (e, a) in datasets.items()}
-    if state.is_main_process:  # merge what an interrupted run left behind before anyone reads it
-        for category, (entries, _) in datasets.items():
-            consolidate_results(output_dir, category, entries)
-    state.wait_for_everyone()
-    done = {c: set(read_results(result_path(output_dir, c))) if result_path(output_dir, c).exists() else set()
-            for c in categories}
-    work = [(c, e) for c, (entries, _) in datasets.items() for e in entries if e["id"] not in done[c]]
-    skipped = sum(len(entries) for entries, _ in datasets.values()) - len(work)
-    if state.is_main_process:
-        print(f"{len(work)} prompts to generate over {', '.join(categories)} ({skipped} already in {output_dir})")
-
-    start_time = time.time()
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -291,28 +270,88 @@ def run_generation(args):
             append_jsonl(path, rows)
 
     generate = generate_with_vllm if args.backend == "vllm" else generate_with_transformers
-    gen_start = time.time()
-    tokens = generate(args, state, tokenizer, my_ids, write_batch) if my_ids else 0
-    per_rank = gather_object([{"prompts": len(my_ids), "tokens": tokens}])  # also waits for every rank
-    gen_time = time.time() - gen_start
+    tokens, seconds = generate(args, state, tokenizer, my_ids, write_batch) if my_ids else (0, 0.0)
+    per_rank = gather_object([(len(my_ids), tokens, seconds)])  # also waits for every rank
+    return sum(r[0] for r in per_rank), sum(r[1] for r in per_rank), max(r[2] for r in per_rank)
+
+
+def weights_fingerprint(model):
+    """A cheap content hash of a local checkpoint (size, first and last MiB of each weight file), so that a retrained
+    model at the same path never resumes the old one's results, while a byte-identical rebuild still does."""
+    digest = hashlib.sha1()
+    for path in sorted(Path(model).glob("*.safetensors")) + sorted(Path(model).glob("*.bin")):
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f"{path.name}:{size}:".encode() + head + f.read())
+    return digest.hexdigest()[:16] if Path(model).is_dir() else None
+
+
+def generation_settings(args):
+    """What decides the outputs; results generated under other settings are never resumed."""
+    return {"model": args.model, "weights": weights_fingerprint(args.model), "mode": args.mode,
+            "max_new_tokens": args.max_new_tokens}
+
+
+def run_generation(args):
+    import torch
+    from accelerate import PartialState
+
+    # A multi-process launch without GPUs needs cpu=True for accelerate to set up gloo (MULTI_CPU) process groups.
+    state = PartialState(cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available())
+    data_dir = Path(args.data_dir) if args.data_dir else package_data_dir()
+    categories = resolve_categories(args.categories, data_dir)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    datasets = {c: load_category(data_dir, c) for c in categories}
+    if args.limit:
+        datasets = {c: (e[:args.limit], a and a[:args.limit]) for c, (e, a) in datasets.items()}
+    stats_path, settings = output_dir / "generation.json", generation_settings(args)
+    stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    existing = [result_path(output_dir, c) for c in categories if result_path(output_dir, c).exists()]
+    if existing and stats.get("settings", settings) != settings and not args.overwrite:
+        sys.exit(f"{output_dir} holds results generated with other settings or weights ({stats['settings']}, now "
+                 f"{settings}): pass --overwrite to regenerate them, or use another --output-dir")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if args.overwrite or "settings" not in stats:  # recorded before generating, so a killed run is guarded too
+            stats = {"settings": settings}
+            stats_path.write_text(json.dumps(stats, indent=2) + "\n")
+        for category, (entries, _) in datasets.items():
+            if args.overwrite:
+                for stale in output_dir.glob(f"BFCL_v4_{category}_result*"):
+                    stale.unlink()
+            consolidate_results(output_dir, category, entries)  # merge what an interrupted run left behind
+    state.wait_for_everyone()
+    done = {c: set(read_results(result_path(output_dir, c))) if result_path(output_dir, c).exists() else set()
+            for c in categories}
+    work = [(c, e) for c, (entries, _) in datasets.items() for e in entries if e["id"] not in done[c]]
+    skipped = sum(len(entries) for entries, _ in datasets.values()) - len(work)
+    if state.is_main_process:
+        print(f"{len(work)} prompts to generate over {', '.join(categories)} ({skipped} already in {output_dir})")
+
+    start_time = time.time()
+    prompts_done, tokens_done, gen_time = generate_missing(args, state, work, output_dir) if work else (0, 0, 0.0)
     if not state.is_main_process:
         return
+    device = torch.cuda.get_device_name(state.device) if state.device.type == "cuda" else state.device.type
     for category, (entries, _) in datasets.items():
         consolidate_results(output_dir, category, entries)
-    prompts_done, tokens_done = sum(r["prompts"] for r in per_rank), sum(r["tokens"] for r in per_rank)
-    stats = {
-        "model": args.model, "backend": args.backend, "mode": args.mode, "decoder": args.decoder,
-        "data_dir": str(data_dir.resolve()), "categories": categories, "limit": args.limit,
-        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "dtype": args.dtype,
-        "device": f"{state.num_processes} x {device_name(state)}", "num_processes": state.num_processes,
-        "prompts_generated": prompts_done, "prompts_already_done": skipped, "generated_tokens": tokens_done,
-        "wall_time_s": round(gen_time, 2), "total_wall_time_s": round(time.time() - start_time, 2),
-        "prompts_per_s": round(prompts_done / gen_time, 3) if prompts_done else None,
-        "generated_tokens_per_s": round(tokens_done / gen_time, 1) if prompts_done else None,
-    }
-    (output_dir / "generation.json").write_text(json.dumps(stats, indent=2) + "\n")
-    print(f"generated {prompts_done} prompts in {gen_time:.1f}s on {stats['device']} "
-          f"({stats['prompts_per_s']} prompts/s, {stats['generated_tokens_per_s']} generated tokens/s)")
+    if work or "prompts_generated" not in stats:  # with nothing left to do, keep the stats of the run that generated
+        stats = {
+            "settings": settings, "model": args.model, "backend": args.backend, "mode": args.mode, "decoder": args.decoder,
+            "data_dir": args.data_dir and str(data_dir.resolve()), "categories": categories, "limit": args.limit,
+            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "dtype": args.dtype,
+            "device": f"{state.num_processes} x {device}", "num_processes": state.num_processes,
+            "prompts_generated": prompts_done, "prompts_already_done": skipped, "generated_tokens": tokens_done,
+            "wall_time_s": round(gen_time, 2), "total_wall_time_s": round(time.time() - start_time, 2),
+            "prompts_per_s": round(prompts_done / gen_time, 3) if prompts_done else None,
+            "generated_tokens_per_s": round(tokens_done / gen_time, 1) if prompts_done else None,
+        }
+        stats_path.write_text(json.dumps(stats, indent=2) + "\n")
+        print(f"generated {prompts_done} prompts in {gen_time:.1f}s on {stats['device']} "
+              f"({stats['prompts_per_s']} prompts/s, {stats['generated_tokens_per_s']} generated tokens/s)")
     if not args.no_score:
         run_score(output_dir, output_dir, data_dir, args.decoder)
 
@@ -327,7 +366,8 @@ def find_result_files(result_dir):
     for path in sorted(Path(result_dir).rglob("BFCL_v4_*_result.json")):
         category = path.name[len("BFCL_v4_"):-len("_result.json")]
         if category in files:
-            sys.exit(f"two result files for {category}: {files[category]} and {path}; point --result-dir at one model's folder")
+            sys.exit(f"two result files for {category}: {files[category]} and {path}; "
+                     "point --result-dir at one model's folder")
         files[category] = path
     return files
 
@@ -352,8 +392,9 @@ def score_category(category, results, entries, answers, decoder):
                 row["decoded"] = verdict["decoded"]
         rows.append(row)
     correct = sum(row["valid"] for row in rows)
+    errors = Counter(row["error_type"] for row in rows if not row["valid"])
     return rows, {"accuracy": correct / len(rows) if rows else None, "correct": correct, "total": len(rows),
-                  "expected": len(entries)}
+                  "expected": len(entries), "error_types": dict(errors.most_common())}
 
 
 def _mean(formula, parts, weighted=False):
@@ -384,7 +425,7 @@ def aggregate_scores(scores):
                               [("simple", simple), part("multiple"),
                                part("parallel"), part("parallel_multiple")]),
         "Live AST": _mean("mean of live_simple, live_multiple, live_parallel, live_parallel_multiple weighted by entries",
-                          [part("live_simple"), part("live_multiple"), part("live_parallel"), part("live_parallel_multiple")],
+                          [part(c) for c in ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")],
                           weighted=True),
         "Irrelevance": _mean("unweighted mean of irrelevance, live_irrelevance",
                              [part("irrelevance"), part("live_irrelevance")]),
@@ -417,7 +458,7 @@ def summary_markdown(summary):
             value = percent(agg["accuracy"]) if agg["status"] in ("ok", "not run") else agg["status"]
             lines.append(f"| {name} | {value} | {agg['formula']} |")
     generation = summary.get("generation")
-    if generation:
+    if generation and "prompts_generated" in generation:
         lines += ["", f"Generated with `{generation['model']}` ({generation['backend']}, {generation['mode']} mode) on "
                   f"{generation['device']}: {generation['prompts_generated']} prompts in {generation['wall_time_s']}s, "
                   f"{generation['prompts_per_s']} prompts/s, {generation['generated_tokens_per_s']} generated tokens/s."]
@@ -466,8 +507,7 @@ def run_compare(dirs):
     official_run = any(c in NON_LIVE + LIVE for c in categories)
     rows = [(c, [s["categories"].get(c, {}).get("accuracy") for s in summaries])
             for c in ([c for c in NON_LIVE + LIVE if official_run] + [c for c in categories if c not in NON_LIVE + LIVE])]
-    names = [n for n in summaries[0]["aggregates"] if official_run or n == "overall (custom)"]
-    names += [n for s in summaries for n in s["aggregates"] if n not in names and n == "overall (custom)"]
+    names = dict.fromkeys(n for s in summaries for n in s["aggregates"] if official_run or n == "overall (custom)")
     rows += [(f"**{n}**", [s["aggregates"].get(n, {}).get("accuracy") for s in summaries]) for n in names]
     header = ["category"] + list(dirs) + [f"Δ {d}" for d in dirs[1:]]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
@@ -508,12 +548,13 @@ def main(argv=None):
     parser.add_argument("--decoder", choices=sorted(BFCL_DECODERS), help="default: qwen in fc mode, python in prompt mode")
     parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="the longest BFCL answers are ~400 tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="the longest BFCL answer is ~1,300 characters of tool calls")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                         help="auto: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--limit", type=int, help="only the first N entries of each category (smoke tests)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="discard earlier results of these categories")
     parser.add_argument("--no-score", action="store_true", help="generate only")
     args = parser.parse_args(argv)
     args.decoder = args.decoder or ("qwen" if args.mode == "fc" else "python")

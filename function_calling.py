@@ -254,14 +254,17 @@ def add_language_hints(functions, category):
         for spec in function["parameters"]["properties"].values():
             spec.setdefault("description", "")
             if spec["type"] == "any":
-                spec["description"] += f" This parameter can be of any type of {lang_name} object in string representation."
+                spec["description"] += (f" This parameter can be of any type of {lang_name} object in string"
+                                        " representation.")
             else:
                 spec["description"] += f" This is {lang_name} {spec['type']} type parameter in string representation."
             if spec["type"] in _LIST_TYPES_WITH_ITEMS:
-                spec["description"] += f" The list elements are of type {spec['items']['type']}; they are not in string representation."
+                spec["description"] += (f" The list elements are of type {spec['items']['type']}; they are not in"
+                                        " string representation.")
                 del spec["items"]
             if language == "javascript" and spec["type"] == "dict" and "properties" in spec:
-                spec["description"] += f" The dictionary entries have the following schema; they are not in string representation. {json.dumps(spec['properties'])}"
+                spec["description"] += (" The dictionary entries have the following schema; they are not in string"
+                                        f" representation. {json.dumps(spec['properties'])}")
                 del spec["properties"]
             spec["type"] = "string"
     return functions
@@ -627,6 +630,10 @@ def _invalid(error_type, *messages):
     return {"valid": False, "error": list(messages), "error_type": error_type}
 
 
+def _invalid_value(error_type, param, value, allowed):
+    return _invalid(error_type, f"Invalid value for parameter {param!r}: {value!r}. Expected one of {allowed}.")
+
+
 def standardize_bfcl_string(text):
     """BFCL compares strings without spaces and ,./-_*^, case-insensitively, with ' and " alike."""
     return re.sub(r"[ \,\.\/\-\_\*\^]", "", text).lower().replace("'", '"')
@@ -669,14 +676,14 @@ def _check_type(param, value, allowed, type_name, expected_type, item_type):
 
 def _check_string(param, value, allowed):
     if standardize_bfcl_string(value) not in [standardize_bfcl_string(a) for a in allowed if type(a) is str]:
-        return _invalid("value_error:string", f"Invalid value for parameter {param!r}: {value!r}. Expected one of {allowed}.")
+        return _invalid_value("value_error:string", param, value, allowed)
     return _valid()
 
 
 def _check_list(param, value, allowed):
     """Element-wise, in order; string elements standardized. (An optional "" answer equals the empty list.)"""
     if [_standardize_if_str(v) for v in value] not in [[_standardize_if_str(v) for v in c] for c in allowed]:
-        return _invalid("value_error:list/tuple", f"Invalid value for parameter {param!r}: {value!r}. Expected one of {allowed}.")
+        return _invalid_value("value_error:list/tuple", param, value, allowed)
     return _valid()
 
 
@@ -781,7 +788,7 @@ def check_bfcl_call(function, call, expected, language="python"):
                     return result
                 continue
         if value not in allowed:
-            return _invalid("value_error:others", f"Invalid value for parameter {param!r}: {value!r}. Expected one of {allowed}.")
+            return _invalid_value("value_error:others", param, value, allowed)
 
     for param, allowed in allowed_by_param.items():
         if param not in args and "" not in allowed:
@@ -842,7 +849,8 @@ def score_bfcl_entry(entry, model_output, category, ground_truth=None, decoder="
                 "irrelevance_error:decoder_success", "Valid syntax. Successfully decode AST when it should not.")
         else:
             result = _valid() if has_call else _invalid(
-                "relevance_error:decoder_failed", f"Invalid syntax. Failed to decode AST when it should have. {decode_error or ''}".strip())
+                "relevance_error:decoder_failed",
+                f"Invalid syntax. Failed to decode AST when it should have. {decode_error or ''}".strip())
     elif decode_error is not None:
         result = _invalid("ast_decoder:decoder_failed", f"Invalid syntax. Failed to decode AST. {decode_error}")
     elif not is_call_list(decoded):

@@ -358,6 +358,25 @@ def test_decoders_on_known_outputs():
     assert fc.decode_xlam_json('{"name": "f", "arguments": {}}; {"name": "g", "arguments": {}}') == [{"f": {}}, {"g": {}}]
     assert fc.decode_python_calls("[a.b(x=1, y='s', z=[1, -2.5], w=(1, 2), v=2*3), c()]") == [
         {"a.b": {"x": 1, "y": "s", "z": [1, -2.5], "w": (1, 2), "v": 6}}, {"c": {}}]
-    for text in ("f(a=__import__('os').system('true'))", "f(a=open('x').read()+1)", "f(a=x+1)"):
-        result = fc.score_bfcl_entry({"function": []}, text, "irrelevance", decoder="python")
-        assert result["valid"] or "decoded" in result  # decoded as a string or rejected; never executed
+
+
+
+def test_model_output_is_never_executed(tmp_path):
+    marker = tmp_path / "executed"
+    call = f"__import__('os').system('touch {marker}')"
+    assert fc.decode_python_calls(f"f(a={call})") == [{"f": {"a": call}}]  # a call without keywords stays text
+    for text in (f"f(a={call} + 1)", f"f(a=lambda: {call})", f"f(a=[{call}][0] * 2)"):
+        assert fc.score_bfcl_entry({"function": []}, text, "irrelevance", decoder="python")["valid"]  # undecodable
+    assert not marker.exists()
+
+
+def test_where_the_official_checker_raises_ours_reports_invalid(official):
+    """An optional list-of-dicts parameter given a list of numbers makes the official dict checker call .items() on
+    an int; the official evaluation would stop there, ours scores the entry wrong and carries on."""
+    entry = {"id": "simple_python_crash", "function": [{"name": "f", "parameters": {"type": "dict", "properties": {
+        "items": {"type": "array", "items": {"type": "dict"}, "description": ""}}, "required": []}}]}
+    truth = [{"f": {"items": ["", [{"a": [1]}]]}}]
+    raw = '<tool_call>\n{"name": "f", "arguments": {"items": [5]}}\n</tool_call>'
+    assert "crash" in official.evaluate("qwen", entry, raw, "simple_python", truth)
+    result = fc.score_bfcl_entry(entry, raw, "simple_python", ground_truth=truth)
+    assert not result["valid"] and result["error_type"] == "ast_checker:exception"
