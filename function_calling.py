@@ -490,6 +490,10 @@ def _java_literal(text):
         return int(text[:-1])
     if re.match(r"^-?\d+(\.\d+)?([eE][+-]?\d+)?[fF]$", text):
         return float(re.sub(r"[fF]$", "", text))
+    return _number_or_text(text)
+
+
+def _number_or_text(text):
     for number in (int, float):
         try:
             return number(text)
@@ -549,12 +553,7 @@ def _js_literal(text):
         return text == "true"
     if len(text) >= 1 and text[0] == text[-1] and text[0] in "\"'":
         return text[1:-1]
-    for number in (int, float):
-        try:
-            return number(text)
-        except ValueError:
-            pass
-    return text
+    return _number_or_text(text)
 
 
 def _js_array(code, item_type):
