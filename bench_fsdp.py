@@ -86,28 +86,29 @@ CPU_SETTINGS = [
 # Real architectures on CPU: one small batch, to check the memory estimate where tensors, not the runtime, fill RSS.
 CPU_MEMORY_SETTINGS = [Setting("padded_batch_1", {"per_device_train_batch_size": 1}),
                        Setting("lora_batch_1", {"per_device_train_batch_size": 1, **LORA})]
+# 8 rows of ~1200 tokens without checkpointing is ~53 GiB on a 3B model (estimate_memory.py); 16 rows need checkpointing.
 GPU_SETTINGS = [
     Setting("trl_defaults", TRL_DEFAULTS, note="TRL's defaults: padded, activation checkpointing on, max_length 1024"),
     Setting("xlam_recipe", {"activation_checkpointing": True, "per_device_train_batch_size": 16, "max_length": 4096},
             note="recipes/xlam.yaml's data settings"),
-    Setting("padded", {"per_device_train_batch_size": 16}),
-    Setting("group_by_length", {**GROUPED, "per_device_train_batch_size": 16}),
-    Setting("batch_rebalance", {"train_sampling_strategy": "batch_rebalance", "per_device_train_batch_size": 16}),
-    Setting("padding_free", {"padding_free": True, "max_length": None, "per_device_train_batch_size": 16}),
+    Setting("padded", note="padded batches, activation checkpointing off"),
+    Setting("group_by_length", GROUPED, note="padded, batches of similar lengths"),
+    Setting("batch_rebalance", {"train_sampling_strategy": "batch_rebalance"}),
+    Setting("padding_free", {"padding_free": True, "max_length": None}, note="SDPA: block-diagonal mask over the batch"),
     Setting("packing_bfd", {"packing": True, "packing_strategy": "bfd", "max_length": 4096, "per_device_train_batch_size": 2}),
-    Setting("flash_attention_padding_free", {"padding_free": True, "max_length": None, "per_device_train_batch_size": 16,
-                                             "attn_implementation": "flash_attention_2"}, needs="flash_attn"),
-    Setting("liger", {**GROUPED, "per_device_train_batch_size": 16, "use_liger_kernel": True}, needs="liger"),
+    Setting("flash_attention_padding_free", {"padding_free": True, "max_length": None, "attn_implementation": "flash_attention_2"},
+            needs="flash_attn", note="the varlen kernel: no padding and no masked attention"),
+    Setting("liger", {**GROUPED, "use_liger_kernel": True}, needs="liger"),
     Setting("activation_checkpointing", {**GROUPED, "per_device_train_batch_size": 16, "activation_checkpointing": True}),
     Setting("fsdp_ac", {**GROUPED, "per_device_train_batch_size": 16}, strategy="fsdp_ac"),
-    Setting("shard_grad_op", {**GROUPED, "per_device_train_batch_size": 16}, strategy="shard_grad_op"),
-    Setting("ddp", {**GROUPED, "per_device_train_batch_size": 16}, strategy="ddp"),
-    Setting("batch_8", GROUPED),
-    Setting("batch_32", {**GROUPED, "per_device_train_batch_size": 32}),
-    Setting("max_length_4096", {**GROUPED, "per_device_train_batch_size": 16, "max_length": 4096}),
-    Setting("torch_compile", {**GROUPED, "per_device_train_batch_size": 16, "torch_compile": True}),
-    Setting("lora", {**GROUPED, "per_device_train_batch_size": 16, **LORA}),
-    Setting("qlora", {**GROUPED, "per_device_train_batch_size": 16, **QLORA}, needs="bitsandbytes"),
+    Setting("shard_grad_op", GROUPED, strategy="shard_grad_op"),
+    Setting("ddp", GROUPED, strategy="ddp"),
+    Setting("batch_4", {**GROUPED, "per_device_train_batch_size": 4}),
+    Setting("batch_32_checkpointed", {**GROUPED, "per_device_train_batch_size": 32, "activation_checkpointing": True}),
+    Setting("max_length_4096", {**GROUPED, "max_length": 4096}),
+    Setting("torch_compile", {**GROUPED, "torch_compile": True}, once=True),
+    Setting("lora", {**GROUPED, **LORA}),
+    Setting("qlora", {**GROUPED, **QLORA}, needs="bitsandbytes"),
 ]
 SMOKE_SETTINGS = [Setting("padded", {"per_device_train_batch_size": 4}),
                   Setting("group_by_length", {**GROUPED, "per_device_train_batch_size": 4})]
@@ -399,7 +400,8 @@ def run_setting(setting, ctx):
         dtype="bfloat16" if ctx["on_gpu"] else "float32", mixed_precision="bf16" if ctx["on_gpu"] else "no",
         lora_r=knobs.get("lora_r", 0) if knobs["use_peft"] else 0, qlora=bool(knobs.get("load_in_4bit")),
         activation_checkpointing=row["activation_checkpointing"], batch_size=row["batch_size"], seq_len=round(row_length),
-        padding_free=row["padding_free"], loss_fraction=ctx["data"]["assistant_token_fraction"],
+        padding_free=row["padding_free"], attention=knobs["attn_implementation"],
+        loss_fraction=ctx["data"]["assistant_token_fraction"],
         device="cuda" if ctx["on_gpu"] else "cpu")
     estimate = estimate_memory.estimate(ctx["config"], setup)
     row["estimated_peak_gb"] = (estimate["peak"] + runtime) / 1e9

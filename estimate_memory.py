@@ -171,6 +171,7 @@ class Setup:
     batch_size: int = 8                  # rows per device per micro-batch
     seq_len: int = 1024                  # padded batches: padded length; padding-free: mean real row length
     padding_free: bool = False           # all rows of a micro-batch in one row; SDPA masks it block-diagonally
+    attention: str = "sdpa"              # sdpa | flash_attention_2 (varlen: no mask, k/v stay at the kv heads)
     loss_fraction: float = 1.0           # fraction of positions with a label (assistant-only loss: ~0.1-0.2)
     gradient_accumulation_steps: int = 1
     device: str = "cuda"                 # cuda (Triton LM-head kernels) | cpu (torch fallback; RSS counts touched pages)
@@ -205,8 +206,10 @@ def estimate(config, setup):
     # Activations of one micro-batch
     rows, length = setup.batch_size, setup.seq_len
     tokens = rows * length
-    mask_span = tokens if setup.padding_free else length                   # keys each query's mask row covers
-    per_layer = activation_bytes_per_token_per_layer(s, c, lora_r, mask_span, 1 if setup.device == "cuda" else c)
+    flash = setup.attention == "flash_attention_2"
+    mask_span = 0 if flash else (tokens if setup.padding_free else length)  # keys each query's mask row covers
+    per_layer = activation_bytes_per_token_per_layer(s, c, lora_r, mask_span, 1 if setup.device == "cuda" else c,
+                                                     gqa_in_sdpa=flash)
     head_tokens = tokens * (setup.loss_fraction if setup.device == "cuda" else 1)  # Triton scores only labelled positions
     outside = tokens * (4 * s.d + 2 * c * s.d) + head_tokens * c * s.d      # final norm, LM-head input copy
     if setup.activation_checkpointing:
@@ -214,7 +217,7 @@ def estimate(config, setup):
         activations = s.layers * tokens * c * s.d + one_layer + outside     # layer inputs + one layer recomputed
     else:
         activations = s.layers * per_layer * tokens + outside
-    attention_mask = (tokens * tokens if setup.padding_free else rows * length * length)  # bool, shared by the layers
+    attention_mask = 0 if flash else (tokens * tokens if setup.padding_free else rows * length * length)  # bool, shared
 
     # Temporary buffers at the peak, which is the LM head's backward (all activations still saved) or, if larger,
     # the last decoder layer's backward (its unsharded gradients and reduce-scatter buffer instead of the head's).
