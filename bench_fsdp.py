@@ -1,8 +1,9 @@
 """Throughput, MFU and peak memory per training setting, measured through train_sft.py itself.
 
-    python bench_fsdp.py                                   # CPU: tiny model, every CPU-capable setting -> benchmarks/cpu
+    python bench_fsdp.py --repeats 3                       # CPU: tiny model, every setting x 3 -> benchmarks/cpu-tiny
     python bench_fsdp.py --settings smoke                  # two settings in about a minute (tests/test_bench.py)
-    python bench_fsdp.py --model qwen2.5-3b --settings gpu --results benchmarks/h100-qwen2.5-3b   # all GPUs of the node
+    python bench_fsdp.py --model qwen2.5-3b --results benchmarks/h100x8-qwen2.5-3b   # GPU preset on all GPUs of the node
+    MALLOC_MMAP_THRESHOLD_=65536 python bench_fsdp.py ...  # CPU: RSS follows live tensors (for the memory column)
 
 Each setting is one `accelerate launch ... train_sft.py RECIPE` with a generated recipe and accelerate config; the run's
 run_summary.json (written by train_sft.py's RunReportCallback) gives real-token throughput per step and peak memory.
