@@ -389,7 +389,7 @@ _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_
 
 
 def _evaluate_arithmetic(node):
-    """`2 * 3.5`, `"a" + "b"` and the like, on literals only. The official decoder eval()s any binary
+    """`2 * 3.5`, `"a" + "b"` and the like, on literals only. The official decoder runs Python evaluation on any binary
     expression; we never eval model output, so names and calls inside one are a decode error."""
     if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
         left, right = _evaluate_arithmetic(node.left), _evaluate_arithmetic(node.right)
