@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 BFCL_EVAL := bfcl-eval==2026.3.23
 
-.PHONY: setup demo test assets bench clean
+.PHONY: setup demo test test-gpu wheels wheels-gpu assets bench clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,40 @@ demo: assets
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Tests marked `gpu`: real runs on the GPUs present (skipped without CUDA). On a GPU node whose Python already has the
+# stack (e.g. installed from wheelhouse/), skip the venv: `make test-gpu PY=python3`.
+test-gpu:
+	$(PY) -m pytest -q -m gpu -rs tests
+
+# Offline install bundle for GPU nodes without internet: every pinned wheel except torch (the node keeps its CUDA
+# build), for the node's Python and platform. Install there with
+#   pip install --no-index --find-links wheelhouse -r wheelhouse/requirements.txt
+# ONLY="trl datasets" restricts it to some packages (what a node's image lacks).
+WHEEL_PYTHON ?= 3.11
+WHEEL_PLATFORM ?= x86_64
+WHEELHOUSE ?= wheelhouse
+ONLY ?=
+PLATFORM_TAGS = $(foreach n,17 24 27 28 31 34 35,--platform manylinux_2_$(n)_$(WHEEL_PLATFORM)) --platform manylinux2014_$(WHEEL_PLATFORM) --platform any
+WHEEL_ARGS = --disable-pip-version-check --no-deps --only-binary=:all: --python-version $(WHEEL_PYTHON) --implementation cp $(PLATFORM_TAGS)
+
+wheels:
+	mkdir -p $(WHEELHOUSE)
+	# requirements.txt + constraints.txt pin the whole dependency closure; torch and the CPU-only test pins stay out.
+	grep -hE '^[A-Za-z0-9_.-]+==' requirements.txt constraints.txt | grep -viE '^(torch)==' \
+	  | awk -F== -v only="$(ONLY)" 'BEGIN{n=split(tolower(only),o," ");for(i=1;i<=n;i++)keep[o[i]]=1} \
+	      !seen[tolower($$1)]++ && (n==0 || keep[tolower($$1)])' > $(WHEELHOUSE)/requirements.txt
+	python3 -m pip download $(WHEEL_ARGS) -d $(WHEELHOUSE) -r $(WHEELHOUSE)/requirements.txt
+	python3 -m pip download $(WHEEL_ARGS) -d $(WHEELHOUSE) $(BFCL_EVAL)
+	echo "$(BFCL_EVAL)  # install with --no-deps" > $(WHEELHOUSE)/README.txt
+	@echo "wheels: $$(ls $(WHEELHOUSE)/*.whl | wc -l) wheels in $(WHEELHOUSE)/ for Python $(WHEEL_PYTHON) on $(WHEEL_PLATFORM)"
+
+# The optional GPU extras (QLoRA's bitsandbytes, Liger kernels) as their own set.
+wheels-gpu:
+	mkdir -p $(WHEELHOUSE)/gpu
+	grep -hE '^[A-Za-z0-9_.-]+==' requirements-gpu.txt > $(WHEELHOUSE)/gpu/requirements.txt
+	python3 -m pip download $(WHEEL_ARGS) -d $(WHEELHOUSE)/gpu -r $(WHEELHOUSE)/gpu/requirements.txt
+	@echo "wheels-gpu: $$(ls $(WHEELHOUSE)/gpu/*.whl | wc -l) wheels in $(WHEELHOUSE)/gpu/"
 
 clean:
 	rm -rf runs demo_assets

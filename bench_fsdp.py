@@ -111,14 +111,41 @@ GPU_SETTINGS = [
     Setting("lora", {**GROUPED, **LORA}),
     Setting("qlora", {**GROUPED, **QLORA}, needs="bitsandbytes"),
 ]
+# One GPU, Qwen2.5-3B full fine-tune: fp32 masters + grads + AdamW take 46 GiB of 79, so without checkpointing a
+# micro-batch holds ~5-6k tokens (estimate_memory.py): padded rows run 4 per batch, padding-free/packed ones ~8 rows.
+FLEX = {"attn_implementation": "flex_attention"}
+PADDING_FREE = {"padding_free": True, "max_length": None}
+GPU1_SETTINGS = [
+    Setting("trl_defaults", TRL_DEFAULTS, note="TRL's defaults: padded, activation checkpointing on, max_length 1024"),
+    Setting("xlam_recipe", {**GROUPED, "activation_checkpointing": True, "per_device_train_batch_size": 16, "max_length": 4096},
+            note="recipes/xlam.yaml's data settings until this benchmark"),
+    Setting("padded", {"per_device_train_batch_size": 4}, note="random padded batches of 4, no checkpointing: the reference"),
+    Setting("group_by_length", {**GROUPED, "per_device_train_batch_size": 4}, note="padded, batches of similar lengths"),
+    Setting("padding_free_sdpa", PADDING_FREE, note="8 rows as one sequence, SDPA with a block-diagonal mask"),
+    Setting("padding_free_flex", {**PADDING_FREE, **FLEX}, needs="flex", note="8 rows as one sequence, flex attention skips the masked blocks"),
+    Setting("packing_flex", {"packing": True, "packing_strategy": "bfd", "max_length": 4096, "per_device_train_batch_size": 1, **FLEX},
+            needs="flex", note="rows packed into 4096-token sequences (BFD), flex attention"),
+    Setting("liger", {**PADDING_FREE, **FLEX, "use_liger_kernel": True}, needs="liger+flex", note="padding_free_flex + Liger RMSNorm/RoPE/SwiGLU"),
+    Setting("padding_free_flex_batch_4", {**PADDING_FREE, **FLEX, "per_device_train_batch_size": 4}, needs="flex"),
+    Setting("checkpointing_batch_16", {**PADDING_FREE, **FLEX, "per_device_train_batch_size": 16, "activation_checkpointing": True},
+            needs="flex", note="activation checkpointing buys 2x the tokens per micro-batch"),
+    Setting("checkpointing_batch_32", {**PADDING_FREE, **FLEX, "per_device_train_batch_size": 32, "activation_checkpointing": True},
+            needs="flex"),
+    Setting("torch_compile", {"packing": True, "packing_strategy": "bfd", "max_length": 4096, "per_device_train_batch_size": 1,
+                              **FLEX, "torch_compile": True}, needs="flex", once=True, note="packing_flex + torch.compile"),
+    Setting("lora", {**PADDING_FREE, **FLEX, **LORA}, needs="flex", note="LoRA r=16 on every linear layer"),
+    Setting("qlora", {**PADDING_FREE, **FLEX, **QLORA}, needs="bitsandbytes+flex", note="QLoRA: NF4 base, LoRA r=16"),
+]
 SMOKE_SETTINGS = [Setting("padded", {"per_device_train_batch_size": 4}),
                   Setting("group_by_length", {**GROUPED, "per_device_train_batch_size": 4})]
-PRESETS = {"cpu": CPU_SETTINGS, "cpu-memory": CPU_MEMORY_SETTINGS, "gpu": GPU_SETTINGS, "smoke": SMOKE_SETTINGS}
+PRESETS = {"cpu": CPU_SETTINGS, "cpu-memory": CPU_MEMORY_SETTINGS, "gpu": GPU_SETTINGS, "gpu1": GPU1_SETTINGS,
+           "smoke": SMOKE_SETTINGS}
 NEEDS = {  # what a setting needs -> why it cannot run here
     "cuda": "needs a CUDA GPU",
     "liger": "Liger kernels are Triton (GPU only); install liger-kernel",
     "bitsandbytes": "QLoRA needs bitsandbytes' CUDA 4-bit kernels",
     "flash_attn": "FlashAttention-2 needs a CUDA GPU and the flash-attn package",
+    "flex": "flex attention is benchmarked on CUDA only (Triton kernels)",
 }
 CSV_COLUMNS = ["setting", "status", "strategy", "num_processes", "batch_size", "max_length", "padding_free", "packing",
                "sampler", "activation_checkpointing", "peft", "torch_compile", "liger", "attn_implementation",
@@ -151,7 +178,8 @@ def random_init_model_dir(name, tokenizer_dir, out):
     config = AutoConfig.for_model(**estimate_memory.ARCHITECTURES[name], pad_token_id=tokenizer.pad_token_id,
                                   eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     print(f"bench: writing a random-init {name} to {out} (once)", flush=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 3B init takes seconds on a GPU
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)  # ids < len(tokenizer) <= vocab_size; the embedding keeps the real vocab size
     return out
@@ -264,8 +292,13 @@ def available(need):
         return True
     if not torch.cuda.is_available():
         return False
-    module = {"cuda": "torch", "liger": "liger_kernel", "bitsandbytes": "bitsandbytes", "flash_attn": "flash_attn"}[need]
-    return importlib.util.find_spec(module) is not None
+    modules = {"cuda": "torch", "flex": "torch", "liger": "liger_kernel", "bitsandbytes": "bitsandbytes", "flash_attn": "flash_attn"}
+    return all(importlib.util.find_spec(modules[part]) is not None for part in need.split("+"))
+
+
+def missing(need):
+    """Why a setting cannot run here (the first of its needs that is not met)."""
+    return next(NEEDS[part] for part in need.split("+") if not available(part))
 
 
 def free_port():
@@ -312,7 +345,8 @@ def write_recipe(setting, args, model_dir, data_path, base_recipe, output_dir, p
     recipe.update(setting.recipe)
     recipe.update(model_name_or_path=str(model_dir), dataset_name=str(data_path), dataset_format="xlam",
                   output_dir=str(output_dir), max_steps=args.warmup_steps + args.steps, logging_steps=1,
-                  save_strategy="no", report_to="none", dataloader_num_workers=0, dataset_num_proc=1, seed=42)
+                  save_strategy="no", save_final_model=False, report_to="none", dataloader_num_workers=0,
+                  dataset_num_proc=1, seed=42)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return recipe
 
@@ -359,7 +393,7 @@ def run_setting(setting, ctx):
     cap = knobs["max_length"] or max(ctx["lengths"])
     row["rows_truncated_percent"] = round(100 * sum(x > cap for x in ctx["lengths"]) / len(ctx["lengths"]), 2)
     if not available(setting.needs):
-        return {**row, "status": "skipped: " + NEEDS[setting.needs]}
+        return {**row, "status": "skipped: " + missing(setting.needs)}
 
     work = ctx["work"] / setting.name
     shutil.rmtree(work, ignore_errors=True)
@@ -395,22 +429,29 @@ def run_setting(setting, ctx):
         row["peak_memory_gb"] = max(r["peak_rss_gb"] for r in ranks) * GiB / 1e9
         row["memory_measure"] = f"peak RSS (estimate + {ctx['runtime_rss_gb']:.2f} GB runtime)"
         runtime = ctx["runtime_rss_gb"] * GiB
-    tokens, row_length = worst_micro_batch(ctx["lengths"], knobs, args.warmup_steps + args.steps, args.num_processes)
-    setup = estimate_memory.Setup(
-        world_size=args.num_processes, strategy="full_shard" if setting.strategy == "fsdp_ac" else setting.strategy,
-        dtype="bfloat16" if ctx["on_gpu"] else "float32", mixed_precision="bf16" if ctx["on_gpu"] else "no",
-        lora_r=knobs.get("lora_r", 0) if knobs["use_peft"] else 0, qlora=bool(knobs.get("load_in_4bit")),
-        activation_checkpointing=row["activation_checkpointing"], batch_size=row["batch_size"], seq_len=round(row_length),
-        padding_free=row["padding_free"], attention=knobs["attn_implementation"],
-        loss_fraction=ctx["data"]["assistant_token_fraction"],
-        device="cuda" if ctx["on_gpu"] else "cpu")
-    estimate = estimate_memory.estimate(ctx["config"], setup)
+    estimate = estimate_run(ctx["config"], knobs, setting.strategy, ctx["lengths"], ctx["data"]["assistant_token_fraction"],
+                            args.warmup_steps + args.steps, args.num_processes, ctx["on_gpu"])
     row["estimated_peak_gb"] = (estimate["peak"] + runtime) / 1e9
     row["estimate_error_percent"] = 100 * (row["estimated_peak_gb"] - row["peak_memory_gb"]) / row["peak_memory_gb"]
     print(f"bench: {setting.name}: {row['real_tokens_per_second_per_device']:.0f} real tokens/s/device, "
           f"MFU {row['mfu_percent']:.2f}%, peak {row['peak_memory_gb']:.2f} GB (estimate {row['estimated_peak_gb']:.2f}), "
           f"{time.perf_counter() - started:.0f}s", flush=True)
     return row
+
+
+def estimate_run(config, knobs, strategy, lengths, loss_fraction, steps, ranks, on_gpu):
+    """estimate_memory.py's prediction for a train_sft.py run with these recipe knobs, for the largest micro-batch
+    the run is expected to see on this data."""
+    tokens, row_length = worst_micro_batch(lengths, knobs, steps, ranks)
+    setup = estimate_memory.Setup(
+        world_size=ranks, strategy="full_shard" if strategy == "fsdp_ac" else strategy,
+        dtype="bfloat16" if on_gpu else "float32", mixed_precision="bf16" if on_gpu else "no",
+        lora_r=knobs.get("lora_r", 0) if knobs["use_peft"] else 0, qlora=bool(knobs.get("load_in_4bit")),
+        activation_checkpointing=knobs["activation_checkpointing"] or strategy == "fsdp_ac",
+        batch_size=knobs["per_device_train_batch_size"], seq_len=round(row_length),
+        padding_free=knobs["padding_free"] or knobs["packing"], attention=knobs["attn_implementation"],
+        loss_fraction=loss_fraction, device="cuda" if on_gpu else "cpu")
+    return estimate_memory.estimate(config, setup)
 
 
 def median_run(runs):
@@ -497,7 +538,7 @@ def write_plots(rows, results, title):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help=f"tiny or one of {list(estimate_memory.ARCHITECTURES)}")
-    parser.add_argument("--settings", default=None, help=f"a preset {list(PRESETS)} (default: gpu with CUDA, else cpu) "
+    parser.add_argument("--settings", default=None, help=f"a preset {list(PRESETS)} (default: gpu1 on one GPU, gpu on several, else cpu) "
                         "or comma-separated setting names")
     parser.add_argument("--num-processes", type=int, default=None, help="default: all GPUs, or 2 on CPU")
     parser.add_argument("--warmup-steps", type=int, default=None, help="steps excluded from the timing (default 3 CPU, 5 GPU)")
@@ -511,6 +552,8 @@ def main():
     parser.add_argument("--results", type=Path, default=None, help="default: benchmarks/<cpu|gpu name>-<model>")
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "bench", help="recipes, configs, logs of each run")
     parser.add_argument("--repeats", type=int, default=1, help="runs per setting, round-robin; the median run is reported")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in --results/runs.json and add only "
+                        "the missing ones (an interrupted benchmark, or more settings into the same table)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     args = parser.parse_args()
 
@@ -520,9 +563,13 @@ def main():
     args.num_processes = args.num_processes or (torch.cuda.device_count() if on_gpu else 2)
     args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (5 if on_gpu else 3)
     args.steps = args.steps or (20 if on_gpu else 8)
-    preset = args.settings or ("gpu" if on_gpu else "cpu")
-    own, other = (GPU_SETTINGS, CPU_SETTINGS + CPU_MEMORY_SETTINGS) if on_gpu else (CPU_SETTINGS + CPU_MEMORY_SETTINGS, GPU_SETTINGS)
-    catalogue = {s.name: s for s in other + own}  # a name in both lists means this device's version
+    own = (GPU1_SETTINGS if args.num_processes == 1 else GPU_SETTINGS) if on_gpu else CPU_SETTINGS + CPU_MEMORY_SETTINGS
+    preset = args.settings or ("cpu" if not on_gpu else "gpu1" if args.num_processes == 1 else "gpu")
+    catalogue = {s.name: s for s in CPU_SETTINGS + CPU_MEMORY_SETTINGS + GPU_SETTINGS + GPU1_SETTINGS + own}  # a name in
+    # several lists means this device's version
+    unknown = [name for name in preset.split(",") if preset not in PRESETS and name not in catalogue]
+    if unknown:
+        sys.exit(f"bench_fsdp.py: unknown setting(s) {unknown}; presets {list(PRESETS)}, settings {sorted(catalogue)}")
     settings = PRESETS[preset] if preset in PRESETS else [catalogue[name] for name in preset.split(",")]
     device = torch.cuda.get_device_name(0) if on_gpu else (platform.processor() or platform.machine())
     if not on_gpu:
@@ -561,18 +608,26 @@ def main():
            "data_path": data_path, "lengths": lengths, "data": data, "peak_tflops": peak, "work": work,
            "base_recipe": REPO / "recipes" / ("xlam.yaml" if on_gpu else "demo_cpu.yaml"),
            "runtime_rss_gb": 0.0 if on_gpu else runtime_rss_gb()}
+    # Every run is kept in runs.json as it finishes: an interrupted benchmark resumes with --resume, and a second
+    # invocation with other settings adds its rows to the same table.
+    runs_path = args.results / "runs.json"
+    runs = json.loads(runs_path.read_text()) if args.resume and runs_path.is_file() else {}
+    runs = {name: [r for r in kept if r["status"] == "ok"] for name, kept in runs.items()}
+    for setting in settings:
+        runs.setdefault(setting.name, [])
     # Round-robin repeats: on a shared machine the load changes minute to minute, so every setting sees every period.
-    runs = {setting.name: [] for setting in settings}
     for repeat in range(args.repeats):
         for setting in settings:
-            if repeat and setting.once:
+            if len(runs[setting.name]) > repeat or (repeat and setting.once):
                 continue
             runs[setting.name].append(run_setting(setting, ctx))
+            runs_path.write_text(json.dumps(runs, indent=1) + "\n")
             rows = [median_run(r) for r in runs.values() if r]
             with open(args.results / "bench.csv", "w", newline="") as f:  # rewritten after every run: partial results survive
                 writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
                 writer.writeheader()
                 writer.writerows([{k: r.get(k, "") for k in CSV_COLUMNS} for r in rows])
+    rows = [median_run(r) for r in runs.values() if r]
 
     import accelerate
     import transformers

@@ -171,7 +171,7 @@ class Setup:
     batch_size: int = 8                  # rows per device per micro-batch
     seq_len: int = 1024                  # padded batches: padded length; padding-free: mean real row length
     padding_free: bool = False           # all rows of a micro-batch in one row; SDPA masks it block-diagonally
-    attention: str = "sdpa"              # sdpa | flash_attention_2 (varlen: no mask, k/v stay at the kv heads)
+    attention: str = "sdpa"              # sdpa | flash_attention_2 | flex_attention (no mask, k/v stay at the kv heads)
     loss_fraction: float = 1.0           # fraction of positions with a label (assistant-only loss: ~0.1-0.2)
     gradient_accumulation_steps: int = 1
     device: str = "cuda"                 # cuda (Triton LM-head kernels) | cpu (torch fallback; RSS counts touched pages)
@@ -206,7 +206,7 @@ def estimate(config, setup):
     # Activations of one micro-batch
     rows, length = setup.batch_size, setup.seq_len
     tokens = rows * length
-    flash = setup.attention == "flash_attention_2"
+    flash = setup.attention in ("flash_attention_2", "flex_attention")  # no materialised mask; k/v stay at kv heads
     mask_span = 0 if flash else (tokens if setup.padding_free else length)  # keys each query's mask row covers
     per_layer = activation_bytes_per_token_per_layer(s, c, lora_r, mask_span, 1 if setup.device == "cuda" else c,
                                                      gqa_in_sdpa=flash)

@@ -194,14 +194,20 @@ def render_prompts(tokenizer, work, mode):
     return prompts
 
 
+def model_dtype(requested, device_type):
+    """The dtype generation runs in: `auto` is bf16 on GPUs, fp32 on CPU."""
+    if requested != "auto":
+        return requested
+    return "bfloat16" if device_type == "cuda" else "float32"
+
+
 def generate_with_transformers(args, state, tokenizer, token_ids, write_batch):
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     device = state.device
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
-             "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    dtype = getattr(torch, model_dtype(args.dtype, device.type))
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map={"": str(device)},
                                                  trust_remote_code=args.trust_remote_code).eval()
     eos = model.generation_config.eos_token_id
@@ -342,7 +348,7 @@ def run_generation(args):
         stats = {
             "settings": settings, "model": args.model, "backend": args.backend, "mode": args.mode, "decoder": args.decoder,
             "data_dir": args.data_dir and str(data_dir.resolve()), "categories": categories, "limit": args.limit,
-            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "dtype": args.dtype,
+            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "dtype": model_dtype(args.dtype, state.device.type),
             "device": f"{state.num_processes} x {device}", "num_processes": state.num_processes,
             "prompts_generated": prompts_done, "prompts_already_done": skipped, "generated_tokens": tokens_done,
             "wall_time_s": round(gen_time, 2), "total_wall_time_s": round(time.time() - start_time, 2),

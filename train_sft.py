@@ -39,6 +39,7 @@ class ScriptArguments:
     wandb_project: str | None = field(default=None, metadata={"help": "W&B project (WANDB_PROJECT)."})
     epoch_checkpoints: bool = field(default=False, metadata={"help": "Save a HF checkpoint per epoch in output_dir/checkpoints/epN."})
     hub_push_epochs: str | None = field(default=None, metadata={"help": "Push each epoch: 'branch', 'repo' or 'both'."})
+    save_final_model: bool = field(default=True, metadata={"help": "Gather and save the final model (benchmarks turn it off)."})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,7 +158,9 @@ def sharding_report(model):
 
     params = list(model.parameters())
     dtensors = [p for p in params if isinstance(p, DTensor)]
-    report = {"parameters": len(params), "dtensor_parameters": len(dtensors)}
+    report = {"parameters": len(params), "dtensor_parameters": len(dtensors),
+              "parameter_dtypes": sorted({str(p.dtype) for p in params if p.requires_grad}),  # the master copies
+              "frozen_parameter_dtypes": sorted({str(p.dtype) for p in params if not p.requires_grad})}
     if dtensors:
         report["placements"] = sorted({str(tuple(p.placements)) for p in dtensors})
         report["mesh_shape"] = list(dtensors[0].device_mesh.shape)
@@ -180,6 +183,14 @@ def make_report_callback(accelerator, output_dir):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             self.sharding = sharding_report(model)
             self.started = time.perf_counter()
+            # The dtype the first decoder layer computes in (bf16 under mixed precision while the masters stay fp32)
+            layer = next((m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")), None)
+            if layer is not None:
+                def record(module, inputs, output):
+                    hidden = output[0] if isinstance(output, tuple) else output
+                    self.sharding["compute_dtype"] = str(hidden.dtype)
+                    hook.remove()
+                hook = layer.register_forward_hook(record)
             if self.sharding["dtensor_parameters"]:
                 logger.warning("fsdp: %d/%d parameters are DTensors %s on mesh %s", self.sharding["dtensor_parameters"],
                                self.sharding["parameters"], self.sharding["placements"], self.sharding["mesh_shape"])
@@ -310,6 +321,9 @@ def main(script_args, training_args, model_args):
     trainer.train(resume_from_checkpoint=resume)
 
     # Intermediate checkpoints stay sharded (fast, resumable); the final model is gathered into one HF checkpoint.
+    if not script_args.save_final_model:
+        trainer.end()
+        return
     if trainer.is_fsdp_enabled:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(training_args.output_dir)
