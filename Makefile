@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 BFCL_EVAL := bfcl-eval==2026.3.23
 
-.PHONY: setup demo test test-gpu wheels wheels-gpu assets bench clean
+.PHONY: setup demo test test-gpu wheels wheel-list wheels-gpu assets bench clean
 
 setup: $(VENV)/.installed
 
@@ -47,16 +47,18 @@ ONLY ?=
 PLATFORM_TAGS = $(foreach n,17 24 27 28 31 34 35,--platform manylinux_2_$(n)_$(WHEEL_PLATFORM)) --platform manylinux2014_$(WHEEL_PLATFORM) --platform any
 WHEEL_ARGS = --disable-pip-version-check --no-deps --only-binary=:all: --python-version $(WHEEL_PYTHON) --implementation cp $(PLATFORM_TAGS)
 
-wheels:
-	mkdir -p $(WHEELHOUSE)
-	# requirements.txt + constraints.txt pin the whole dependency closure; torch and the CPU-only test pins stay out.
-	grep -hE '^[A-Za-z0-9_.-]+==' requirements.txt constraints.txt | grep -viE '^(torch)==' \
-	  | awk -F== -v only="$(ONLY)" 'BEGIN{n=split(tolower(only),o," ");for(i=1;i<=n;i++)keep[o[i]]=1} \
-	      !seen[tolower($$1)]++ && (n==0 || keep[tolower($$1)])' > $(WHEELHOUSE)/requirements.txt
+wheels: wheel-list
 	python3 -m pip download $(WHEEL_ARGS) -d $(WHEELHOUSE) -r $(WHEELHOUSE)/requirements.txt
 	python3 -m pip download $(WHEEL_ARGS) -d $(WHEELHOUSE) $(BFCL_EVAL)
 	echo "$(BFCL_EVAL)  # install with --no-deps" > $(WHEELHOUSE)/README.txt
 	@echo "wheels: $$(ls $(WHEELHOUSE)/*.whl | wc -l) wheels in $(WHEELHOUSE)/ for Python $(WHEEL_PYTHON) on $(WHEEL_PLATFORM)"
+
+# requirements.txt + constraints.txt pin the whole dependency closure; torch stays out (the node keeps its own).
+wheel-list:
+	mkdir -p $(WHEELHOUSE)
+	grep -hE '^[A-Za-z0-9_.-]+==' requirements.txt constraints.txt | grep -viE '^torch==' \
+	  | awk -F== -v only="$(ONLY)" 'BEGIN{n=split(tolower(only),o," ");for(i=1;i<=n;i++)keep[o[i]]=1} \
+	      !seen[tolower($$1)]++ && (n==0 || keep[tolower($$1)])' > $(WHEELHOUSE)/requirements.txt
 
 # The optional GPU extras (QLoRA's bitsandbytes, Liger kernels) as their own set.
 wheels-gpu:
