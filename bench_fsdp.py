@@ -194,7 +194,7 @@ def write_xlam_rows(path, n_rows, seed):
     weights = [20, 20, 20, 15, 10, 7, 5, 3]  # assumed shape: most rows list 1-3 tools, a tail lists many
     with open(path, "w") as f:
         for i in range(n_rows):
-            listed, calls, query = demo.draw_row(rng, demo.CATEGORIES[i % 4])
+            listed, calls, query = demo.draw_row(rng, demo.CALL_CATEGORIES[i % 4])
             want = rng.choices(tools_listed, weights)[0]
             extra = [t for t in demo.TOOLS if t not in listed]
             listed = listed + rng.sample(extra, max(0, min(want - len(listed), len(extra))))
@@ -339,7 +339,7 @@ def write_accelerate_config(setting, args, family, on_gpu, path):
 def write_recipe(setting, args, model_dir, data_path, base_recipe, output_dir, path):
     recipe = yaml.safe_load(base_recipe.read_text())
     for key in ("epoch_checkpoints", "hub_push_epochs", "wandb_project", "run_name", "save_steps", "save_total_limit",
-                "max_samples", "eval_split_size", "packing_strategy"):
+                "max_samples", "eval_split_size", "packing_strategy", "datasets"):
         recipe.pop(key, None)
     recipe.update(REFERENCE_KNOBS)
     recipe.update(setting.recipe)

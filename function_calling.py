@@ -115,20 +115,33 @@ def _load_json_field(row, key):
     return value
 
 
-def xlam_to_messages(row):
-    """An xLAM row {query, tools, answers} -> {"messages": [user, assistant(tool_calls)], "tools": [...]}.
+# The assistant's reply when no listed tool fits (an xLAM row with `answers: []`, the form of the public
+# xlam-irrelevance-7.5k set): plain text, no tool call, which is what BFCL's irrelevance categories reward.
+NO_TOOL_FITS_REPLY = "None of the available functions can do this, so I cannot make a call for this request."
 
-    Raises MalformedRow for bad JSON, missing fields, or an answer calling a tool that is not listed.
-    """
+
+def parse_xlam_row(row):
+    """{query, tools, answers} with the JSON fields decoded; MalformedRow when a field is missing or not a list."""
     query = row.get("query")
     if not isinstance(query, str) or not query.strip():
         raise MalformedRow("missing_query")
-    tools = [xlam_tool_to_schema(t) for t in _load_json_field(row, "tools")]
-    answers = _load_json_field(row, "answers")
+    return {"query": query, "tools": _load_json_field(row, "tools"), "answers": _load_json_field(row, "answers")}
+
+
+def xlam_to_messages(row, no_call_reply=NO_TOOL_FITS_REPLY):
+    """An xLAM row {query, tools, answers} -> {"messages": [user, assistant(tool_calls)], "tools": [...]}.
+
+    An empty `answers` list means no listed tool fits: the assistant replies `no_call_reply` in plain text.
+    Raises MalformedRow for bad JSON, missing fields, or an answer calling a tool that is not listed.
+    """
+    parsed = parse_xlam_row(row)
+    query, answers = parsed["query"], parsed["answers"]
+    tools = [xlam_tool_to_schema(t) for t in parsed["tools"]]
     if not tools:
         raise MalformedRow("no_tools")
     if not answers:
-        raise MalformedRow("no_answers")
+        return {"messages": [{"role": "user", "content": query}, {"role": "assistant", "content": no_call_reply}],
+                "tools": tools}
     names = {t["function"]["name"] for t in tools}
     tool_calls = []
     for call in answers:

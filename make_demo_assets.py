@@ -199,9 +199,14 @@ def draw_row(rng, category):
     elif category == "parallel":
         tool = rng.choice(TOOLS)
         listed, called = [tool], [tool] * rng.randint(2, 3)
-    else:  # parallel_multiple
+    elif category == "parallel_multiple":
         listed = rng.sample(TOOLS, rng.randint(2, 4))
         called = rng.sample(listed, 2)
+    else:  # irrelevance: the request needs a tool that is not listed, so the right answer calls nothing
+        wanted = rng.choice(TOOLS)
+        args, phrase = wanted.draw(rng)
+        listed = rng.sample([t for t in TOOLS if t is not wanted], rng.randint(1, 3))
+        return listed, [], rng.choice(OPENERS) + " " + phrase + "?"
     calls, phrases = [], []
     for tool in called:
         args, phrase = tool.draw(rng)
@@ -211,7 +216,13 @@ def draw_row(rng, category):
     return listed, calls, query
 
 
-CATEGORIES = ["simple", "multiple", "parallel", "parallel_multiple"]
+CATEGORIES = ["simple", "multiple", "parallel", "parallel_multiple", "irrelevance"]
+CALL_CATEGORIES = CATEGORIES[:4]
+
+
+def train_category(index):
+    """Every 10th training row calls nothing (xlam-irrelevance's form, `answers: []`); the rest cycle the others."""
+    return "irrelevance" if index % 10 == 9 else CALL_CATEGORIES[index % 4]
 BFCL_TYPES = {"str": "string", "int": "integer", "float": "float", "bool": "boolean"}
 
 
@@ -262,7 +273,7 @@ def write_data(out, seed, n_train, n_heldout_per_category):
     train_dir.mkdir(parents=True, exist_ok=True)
     rows, seen = [], set()
     while len(rows) < n_train:
-        category = CATEGORIES[len(rows) % 4]
+        category = train_category(len(rows))
         listed, calls, query = draw_row(rng, category)
         seen.add(query)
         rows.append({"id": len(rows), "query": query, "tools": json.dumps([t.xlam_spec() for t in listed]),
@@ -282,7 +293,8 @@ def write_data(out, seed, n_train, n_heldout_per_category):
             q, a = bfcl_entry(len(questions), category, listed, calls, query)
             questions.append(q)
             answers.append(a)
-        for folder, items in ((heldout, questions), (heldout / "possible_answer", answers)):
+        # irrelevance has no possible answers: the official checker passes an entry when nothing decodes as a call
+        for folder, items in ((heldout, questions), (heldout / "possible_answer", answers))[:1 if category == "irrelevance" else 2]:
             with open(folder / f"BFCL_v4_demo_{category}.json", "w") as f:
                 f.writelines(json.dumps(x) + "\n" for x in items)
     return rows
@@ -430,7 +442,7 @@ def main():
     model.save_pretrained(args.out / "tiny-qwen2")
     tokenizer.save_pretrained(args.out / "tiny-qwen2")
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"wrote {len(rows)} xLAM rows, {4 * args.n_heldout} held-out BFCL entries and a {n_params / 1e6:.2f}M-parameter "
+    print(f"wrote {len(rows)} xLAM rows, {len(CATEGORIES) * args.n_heldout} held-out BFCL entries and a {n_params / 1e6:.2f}M-parameter "
           f"Qwen2 model (vocab {len(tokenizer)}) to {args.out}/")
 
     dolly_rows = write_dolly(args.out, args.seed, args.n_dolly)

@@ -14,27 +14,37 @@ import os
 import resource
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cpu_fsdp
-import function_calling
+import training_data
+from training_data import FORMATS, SourceConfig
 
 logger = logging.getLogger("train_sft")
-
-DATA_FORMATS = ("xlam", "messages", "prompt_completion", "dolly")
-
 
 @dataclass
 class ScriptArguments:
     dataset_name: str = field(default=None, metadata={"help": "Hub dataset id, or a local .json/.jsonl/.parquet file."})
-    dataset_format: str = field(default="xlam", metadata={"help": f"One of {DATA_FORMATS}."})
+    dataset_format: str = field(default="xlam", metadata={"help": f"One of {FORMATS}."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "Split to read from the dataset."})
-    max_samples: int | None = field(default=None, metadata={"help": "Keep only the first N rows (after shuffling)."})
+    datasets: list[SourceConfig] = field(default_factory=list, metadata={
+        "help": "A mixture instead of dataset_name: TRL DatasetConfig keys (path, name, split, data_files, fraction) + format."})
+    max_samples: int | None = field(default=None, metadata={"help": "Keep only N random rows of each dataset."})
     eval_split_size: float = field(default=0.0, metadata={"help": "Held-out eval rows: a fraction (<1) or a count."})
     max_malformed_fraction: float = field(default=0.01, metadata={"help": "Fail when more rows than this are malformed."})
+    irrelevance_fraction: float = field(default=0.0, metadata={
+        "help": "Share of xlam rows made 'no listed tool fits' (called tools removed, plain reply)."})
+    irrelevance_reply: str = field(default=training_data.fc.NO_TOOL_FITS_REPLY, metadata={
+        "help": "The assistant's reply when no listed tool fits."})
+    function_masking_fraction: float = field(default=0.0, metadata={
+        "help": "Share of xlam rows whose function and parameter names become random identifiers."})
+    extra_tools: int = field(default=0, metadata={"help": "Tools from other rows added to each xlam row's tool list."})
+    curriculum: bool = field(default=False, metadata={"help": "Simple rows first, complex last (sequential sampler)."})
+    decontaminate: bool = field(default=True, metadata={"help": "Drop rows whose request matches a BFCL v4 test question."})
+    decontamination_data_dir: str | None = field(default=None, metadata={
+        "help": "BFCL_v4_*.json to decontaminate against (default: the installed bfcl-eval's)."})
     show_examples: int = field(default=0, metadata={"help": "Print N rendered examples with the trained span marked, then exit."})
     wandb_project: str | None = field(default=None, metadata={"help": "W&B project (WANDB_PROJECT)."})
     epoch_checkpoints: bool = field(default=False, metadata={"help": "Save a HF checkpoint per epoch in output_dir/checkpoints/epN."})
@@ -47,96 +57,57 @@ class ScriptArguments:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def unknown_keys(parser, recipe, config, argv):
+    """Recipe keys and flags the parser does not know, with a 'did you mean' hint each. Checked before any dataclass
+    is built: building SFTConfig validates bf16 against the hardware, and that error must not hide a typo."""
+    dests = {a.dest for a in parser._actions}
+    flags = {opt for a in parser._actions for opt in a.option_strings}
+    problems, hints = [], []
+    for key in config:
+        if key not in dests and key != "env":  # `env` is TRL's: environment variables set from the recipe
+            problems.append(f"unknown key '{key}' in {recipe}")
+            hints += [f"'{key}' -> did you mean '{c}'?" for c in difflib.get_close_matches(key, dests, n=1)]
+    for item in argv:
+        flag = item.split("=")[0]
+        if flag.startswith("--") and flag not in flags:  # exact names only: the parser takes no abbreviations
+            problems.append(f"unknown command-line flag '{flag}'")
+            hints += [f"'{flag[2:]}' -> did you mean '{c}'?" for c in difflib.get_close_matches(flag[2:], dests, n=1)]
+    return problems, hints
+
+
 def parse_recipe(argv):
+    import yaml
     from trl import ModelConfig, SFTConfig, TrlParser
 
-    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig))
-    recipe = None
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig), allow_abbrev=False)
+    recipe, config = None, {}
     if argv and not argv[0].startswith("-"):
-        recipe, argv = argv[0], ["--config", argv[0], *argv[1:]]
+        recipe, argv = argv[0], argv[1:]
         if not Path(recipe).is_file():
             sys.exit(f"train_sft.py: recipe file not found: {recipe}")
-    script_args, training_args, model_args, unknown_in_recipe, unknown_flags = parser.parse_args_and_config(
-        argv, return_remaining_strings=True, separate_remaining_strings=True
-    )
-    known = {a.dest for a in parser._actions}
-    problems = [f"unknown key '{k.lstrip('-')}' in {recipe}" for k in unknown_in_recipe if k.startswith("--")]
-    problems += [f"unknown command-line flag '{k}'" for k in unknown_flags if k.startswith("-")]
+        config = yaml.safe_load(Path(recipe).read_text()) or {}
+        if not isinstance(config, dict):
+            sys.exit(f"train_sft.py: {recipe} must be a YAML mapping of keys to values")
+    problems, hints = unknown_keys(parser, recipe, config, argv)
     if problems:
-        hints = []
-        for item in unknown_in_recipe + unknown_flags:
-            close = difflib.get_close_matches(item.lstrip("-").split("=")[0], known, n=1)
-            if item.startswith("-") and close:
-                hints.append(f"'{item.lstrip('-')}' -> did you mean '{close[0]}'?")
         sys.exit("train_sft.py: " + "; ".join(problems) + ("\n  " + "\n  ".join(hints) if hints else ""))
-    if not script_args.dataset_name:
-        sys.exit(f"train_sft.py: the recipe {recipe} must set dataset_name")
-    if script_args.dataset_format not in DATA_FORMATS:
-        sys.exit(f"train_sft.py: dataset_format '{script_args.dataset_format}' in {recipe} is not one of {DATA_FORMATS}")
+    try:
+        script_args, training_args, model_args = parser.parse_args_and_config(
+            ["--config", recipe, *argv] if recipe else argv)
+    except ValueError as err:
+        if "bf16" not in str(err):
+            raise
+        where = f"`bf16: true` in {recipe}" if "bf16" in config else f"bf16 is on (TRL's default; {recipe} does not set it)"
+        sys.exit(f"train_sft.py: {where}, but this machine has no bf16 support: set `bf16: false` "
+                 "(and `fp16: true` on a GPU without bf16)")
+    if script_args.datasets and any(a.split("=")[0] == "--dataset_name" for a in argv):
+        logger.warning("--dataset_name %s replaces the datasets mixture of %s", script_args.dataset_name, recipe)
+        script_args.datasets = []  # flags override the recipe, the data source included
+    training_data.source_configs(script_args, recipe)  # dataset keys are checked before any data or model is loaded
     if not model_args.model_name_or_path:
         sys.exit(f"train_sft.py: the recipe {recipe} must set model_name_or_path")
+    script_args.recipe = recipe
     return script_args, training_args, model_args
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data: load, convert to the trainer's formats, count what is skipped and why.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def load_raw_dataset(args):
-    from datasets import load_dataset
-
-    path = Path(args.dataset_name)
-    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-    if path.suffix in builders:
-        if not path.is_file():
-            sys.exit(f"train_sft.py: dataset_name file not found: {path}")
-        return load_dataset(builders[path.suffix], data_files=str(path), split="train")
-    return load_dataset(args.dataset_name, name=args.dataset_config, split=args.dataset_split)
-
-
-def convert_rows(raw, args):
-    """Convert every row with the format's converter; malformed rows are skipped and counted by reason."""
-    from datasets import Dataset, Features, Json, List, Value
-
-    convert = {
-        "xlam": function_calling.xlam_to_messages,
-        "messages": function_calling.check_messages_row,
-        "prompt_completion": function_calling.check_prompt_completion_row,
-        "dolly": function_calling.dolly_to_prompt_completion,
-    }[args.dataset_format]
-    rows, skipped, first_bad = [], Counter(), {}
-    for index, row in enumerate(raw):
-        try:
-            rows.append(convert(row))
-        except function_calling.MalformedRow as err:
-            skipped[err.reason] += 1
-            first_bad.setdefault(err.reason, f"row {index}: {err}")
-    total = len(raw)
-    if skipped:
-        logger.warning("skipped %d of %d rows of %s:", sum(skipped.values()), total, args.dataset_name)
-        for reason, count in skipped.most_common():
-            logger.warning("  %-22s %6d  (first: %s)", reason, count, first_bad[reason][:120])
-    if total == 0 or sum(skipped.values()) > args.max_malformed_fraction * total:
-        raise SystemExit(
-            f"train_sft.py: {sum(skipped.values())} of {total} rows of {args.dataset_name} are malformed, more than "
-            f"max_malformed_fraction={args.max_malformed_fraction}: {dict(skipped)}"
-        )
-    if args.dataset_format in ("xlam", "messages"):
-        # Json() keeps each message and its tool-call arguments as written; Arrow structs would merge every row's
-        # argument names into one schema and render nulls into the prompt.
-        features = Features({"messages": List(Json()), "tools": Value("string")})
-        rows = [{"messages": r["messages"], "tools": json.dumps(r["tools"]) if r["tools"] else None} for r in rows]
-        return Dataset.from_list(rows, features=features), skipped
-    return Dataset.from_list(rows), skipped
-
-
-def split_eval(dataset, args, seed):
-    if not args.eval_split_size:
-        return dataset, None
-    size = args.eval_split_size if args.eval_split_size < 1 else int(args.eval_split_size)
-    parts = dataset.train_test_split(test_size=size, seed=seed)
-    return parts["train"], parts["test"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,7 +140,7 @@ def sharding_report(model):
     return report
 
 
-def make_report_callback(accelerator, output_dir):
+def make_report_callback(accelerator, output_dir, data_report=None):
     from transformers import TrainerCallback
 
     class RunReportCallback(TrainerCallback):
@@ -222,6 +193,7 @@ def make_report_callback(accelerator, output_dir):
                     "peak_memory_per_rank": [dict(zip(memory, row)) for row in per_rank],
                     "train_seconds": round(time.perf_counter() - self.started, 2),
                     "global_step": state.global_step,
+                    "data": data_report,
                     "log_history": state.log_history,
                 }
                 Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -242,7 +214,8 @@ def last_complete_checkpoint(output_dir):
 
 
 def show_examples(trainer, n):
-    """Print what the model sees; ⟦...⟧ marks the tokens that carry loss."""
+    """Print what the model sees; ⟦...⟧ marks the tokens that carry loss, and the header names the transforms that
+    made the example (irrelevance, masked, extra_tools; no_call: a source row that calls nothing)."""
     tokenizer = trainer.processing_class
     for i in range(min(n, len(trainer.train_dataset))):
         example = trainer.train_dataset[i]
@@ -254,7 +227,8 @@ def show_examples(trainer, n):
                 text = tokenizer.decode(ids[start:j])
                 pieces.append(f"⟦{text}⟧" if trained[start] else text)
                 start = j
-        print(f"=== example {i}: {len(ids)} tokens, {sum(trained)} trained ===")
+        made_by = f"; transforms: {example['transforms']}" if example.get("transforms") else ""
+        print(f"=== example {i}: {len(ids)} tokens, {sum(trained)} trained{made_by} ===")
         print("".join(pieces))
 
 
@@ -277,12 +251,12 @@ def main(script_args, training_args, model_args):
         training_args.activation_checkpointing = training_args.gradient_checkpointing = False
 
     # Data
-    raw = load_raw_dataset(script_args)
-    if script_args.max_samples:
-        raw = raw.shuffle(seed=training_args.seed).select(range(min(script_args.max_samples, len(raw))))
-    dataset, skipped = convert_rows(raw, script_args)
-    train_dataset, eval_dataset = split_eval(dataset, script_args, training_args.seed)
-    logger.warning("data: %d train rows, %d eval rows (%s format)", len(train_dataset), len(eval_dataset or []), script_args.dataset_format)
+    train_dataset, eval_dataset, data_report = training_data.build_datasets(script_args, training_args.seed, script_args.recipe)
+    logger.warning("data: %d train rows, %d eval rows", len(train_dataset), len(eval_dataset or []))
+    if script_args.curriculum and training_args.train_sampling_strategy != "sequential":
+        logger.warning("curriculum: train_sampling_strategy %s -> sequential, so the simple-to-complex order is kept",
+                       training_args.train_sampling_strategy)
+        training_args.train_sampling_strategy = "sequential"
 
     # Model: loaded by the trainer from the recipe's ModelConfig, as in TRL's sft.py
     training_args.model_init_kwargs = {
@@ -308,7 +282,8 @@ def main(script_args, training_args, model_args):
         if trainer.accelerator.is_main_process:
             show_examples(trainer, script_args.show_examples)
         return
-    trainer.callback_handler.callbacks.insert(0, make_report_callback(trainer.accelerator, training_args.output_dir))
+    trainer.callback_handler.callbacks.insert(0, make_report_callback(trainer.accelerator, training_args.output_dir,
+                                                                         training_data.report_for_summary(data_report)))
     if script_args.epoch_checkpoints or script_args.hub_push_epochs:
         from epoch_checkpoints import EpochCheckpointCallback
 
@@ -329,7 +304,8 @@ def main(script_args, training_args, model_args):
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         trainer.create_model_card(model_name=Path(training_args.output_dir).name, dataset_name=script_args.dataset_name)
-        logger.warning("saved %s (skipped rows: %s)", training_args.output_dir, dict(skipped) or "none")
+        skipped = sum(sum(source["skipped"].values()) for source in data_report["sources"])
+        logger.warning("saved %s (%d malformed rows skipped, counts in run_summary.json)", training_args.output_dir, skipped)
     trainer.end()
 
 

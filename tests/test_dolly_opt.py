@@ -212,6 +212,7 @@ def in_process(monkeypatch):
 def test_each_epoch_goes_to_a_branch_and_a_repo(dolly_recipe, tmp_path, monkeypatch, capfd, in_process):
     """A real Trainer loop with the callback, the client built from HF_TOKEN replaced by a recorder."""
     import train_sft
+    import training_data
     from trl import SFTTrainer
 
     hub = RecordingHub()
@@ -219,8 +220,7 @@ def test_each_epoch_goes_to_a_branch_and_a_repo(dolly_recipe, tmp_path, monkeypa
     recipe = dolly_recipe(per_device_train_batch_size=4, save_strategy="no", activation_checkpointing=False,
                           hub_push_epochs="both", hub_model_id="tester/tiny-opt-dolly")
     script_args, training_args, model_args = train_sft.parse_recipe([str(recipe)])
-    dataset, _ = train_sft.convert_rows(train_sft.load_raw_dataset(script_args), script_args)
-    train_dataset, eval_dataset = train_sft.split_eval(dataset, script_args, training_args.seed)
+    train_dataset, eval_dataset, _ = training_data.build_datasets(script_args, training_args.seed)
     trainer = SFTTrainer(model=model_args.model_name_or_path, args=training_args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset)
     trainer.add_callback(epoch_checkpoints.EpochCheckpointCallback(trainer, script_args, recipe_path=str(recipe)))

@@ -73,7 +73,7 @@ def qwen_run(assets, qwen_dir, tmp_path_factory):
         if name not in done:
             work = tmp_path_factory.mktemp(name)
             recipe = yaml.safe_load((REPO / "recipes" / "xlam.yaml").read_text())
-            for key in ("wandb_project", "run_name", "save_steps", "save_total_limit"):
+            for key in ("wandb_project", "run_name", "save_steps", "save_total_limit", "datasets"):
                 recipe.pop(key)
             recipe.update(CHECK, **VARIANTS[name], model_name_or_path=str(qwen_dir), output_dir=str(work / "out"),
                           dataset_name=str(assets / "xlam_sample" / "train.jsonl"))

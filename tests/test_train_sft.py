@@ -20,7 +20,7 @@ def test_every_recipe_parses(recipe):
 
     # bf16 is validated against the hardware at parse time; the keys are what this test checks.
     script_args, training_args, model_args = train_sft.parse_recipe([str(REPO / "recipes" / recipe), "--bf16", "false"])
-    assert script_args.dataset_name and model_args.model_name_or_path
+    assert (script_args.dataset_name or script_args.datasets) and model_args.model_name_or_path
     assert training_args.output_dir.startswith("runs/")
 
 
@@ -39,7 +39,7 @@ def test_unknown_flag_and_missing_files(demo_recipe, tmp_path):
     proc = run([PYTHON, "train_sft.py", tmp_path / "nope.yaml"], check=False)
     assert proc.returncode != 0 and f"recipe file not found: {tmp_path / 'nope.yaml'}" in proc.stderr
     proc = run([PYTHON, "train_sft.py", demo_recipe(dataset_name=str(tmp_path / "missing.jsonl"))], check=False)
-    assert proc.returncode != 0 and f"dataset_name file not found: {tmp_path / 'missing.jsonl'}" in proc.stderr
+    assert proc.returncode != 0 and f"dataset file not found: {tmp_path / 'missing.jsonl'}" in proc.stderr
 
 
 def test_command_line_overrides_recipe(demo_recipe):

@@ -1,0 +1,405 @@
+"""Training data for train_sft.py: load each source, convert it to the trainer's format, and apply the data recipe.
+
+A recipe names one dataset (`dataset_name`, `dataset_format`) or a mixture (`datasets:`, TRL's DatasetConfig keys
+plus `format`), and the transforms that train the whole BFCL score, not only the call-a-tool categories:
+
+    irrelevance_fraction        share of xlam rows made "no listed tool fits": the called tools are removed from the
+                                list and the reply is plain text with no call (BFCL's irrelevance categories)
+    function_masking_fraction   share of xlam rows whose function and parameter names become random identifiers,
+                                the same in the tool list and the answer (Hammer's function masking)
+    extra_tools                 tools from other rows added to each xlam row's list (selection practice, long prompts)
+    curriculum                  simple rows first (one call, few tools), complex ones last, in that order
+    decontaminate               drop rows whose request matches a BFCL v4 test question (on by default)
+
+Every dropped row is counted by source and reason; build_datasets returns that report, which train_sft.py logs and
+writes into run_summary.json.
+"""
+
+import json
+import logging
+import random
+import re
+import string
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from trl.scripts.utils import DatasetConfig
+
+import function_calling as fc
+
+logger = logging.getLogger("train_sft")
+
+FORMATS = ("xlam", "messages", "prompt_completion", "dolly")
+CONVERTERS = {"messages": fc.check_messages_row, "prompt_completion": fc.check_prompt_completion_row,
+              "dolly": fc.dolly_to_prompt_completion}
+CONVERSATIONAL = ("xlam", "messages")
+# Decontamination: a training request duplicates a BFCL question when, after lower-casing and dropping punctuation,
+# (a) the texts are equal, (b) the request contains the whole question (questions of 5-7 words), or (c) at least half
+# of the word 8-grams of either text occur in the other (near-copies, with words added or changed).
+DECONTAMINATION_NGRAM, DECONTAMINATION_OVERLAP, SHORTEST_CONTAINED = 8, 0.5, 5
+
+
+@dataclass
+class SourceConfig(DatasetConfig):
+    """One dataset of a mixture: TRL's DatasetConfig keys (path, name, data_dir, data_files, split, columns,
+    fraction: normalised shares, capped so that no dataset is oversampled) plus the row format."""
+
+    format: str = "xlam"
+
+
+def source_configs(args, recipe=None):
+    """The recipe's sources: its `datasets:` list, or the single `dataset_name`."""
+    if args.datasets and args.dataset_name:
+        sys.exit(f"train_sft.py: {recipe} sets both dataset_name and datasets: keep one")
+    if not args.datasets:
+        if not args.dataset_name:
+            sys.exit(f"train_sft.py: the recipe {recipe} must set dataset_name or datasets")
+        return [SourceConfig(path=args.dataset_name, name=args.dataset_config, split=args.dataset_split,
+                             format=args.dataset_format)]
+    known = {f.name for f in fields(SourceConfig)}
+    sources = []
+    for index, item in enumerate(args.datasets):
+        if isinstance(item, SourceConfig):
+            sources.append(item)
+            continue
+        unknown = sorted(set(item) - known) if isinstance(item, dict) else []
+        if not isinstance(item, dict) or unknown or "path" not in item:
+            sys.exit(f"train_sft.py: datasets[{index}] in {recipe} must be a mapping with `path` and only the keys "
+                     f"{sorted(known)}" + (f"; unknown: {unknown}" if unknown else ""))
+        sources.append(SourceConfig(**item))
+    fractions = [s.fraction for s in sources]
+    if any(f is not None for f in fractions) and (None in fractions or any(f < 0 for f in fractions) or not sum(fractions)):
+        sys.exit(f"train_sft.py: in {recipe}, set a non-negative `fraction` on every dataset of the mixture or on none")
+    for source in sources:
+        if source.format not in FORMATS:
+            sys.exit(f"train_sft.py: dataset {source.path} in {recipe}: format '{source.format}' is not one of {FORMATS}")
+    if len({s.format in CONVERSATIONAL for s in sources}) > 1:
+        sys.exit(f"train_sft.py: {recipe} mixes conversational (xlam, messages) and prompt/completion datasets: "
+                 "the trainer takes one kind per run")
+    return sources
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: a local file or a hub dataset, with a one-line error that names the dataset and the likely cause
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def why_not_loaded(err, source):
+    text = f"{type(err).__name__}: {err}"
+    if "Gated" in text or "gated" in text:
+        return "it is gated: accept its licence on the hub, then `huggingface-cli login`"
+    if "offline" in text.lower() or "Couldn't reach" in text or "ConnectionError" in text or "LocalEntryNotFound" in text:
+        return ("the hub is unreachable (HF_HUB_OFFLINE=1 or no network) and it is not in the local cache: download it "
+                "first, or point `path` at a local .json/.jsonl/.parquet file")
+    if "DatasetNotFound" in text or "doesn't exist" in text or "not found" in text.lower():
+        return "no such dataset on the hub (check the id), or it is gated and you are not logged in"
+    if "split" in text.lower():
+        return f"it has no split '{source.split}' ({text.splitlines()[0][:200]})"
+    return text.splitlines()[0][:300]
+
+
+def load_source(source):
+    from datasets import load_dataset
+
+    path = Path(source.path)
+    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+    if path.suffix in builders:
+        if not path.is_file():
+            sys.exit(f"train_sft.py: dataset file not found: {path}")
+        return load_dataset(builders[path.suffix], data_files=str(path), split="train")
+    try:
+        raw = load_dataset(source.path, name=source.name, data_dir=source.data_dir, data_files=source.data_files,
+                           split=source.split)
+    except Exception as err:  # datasets raises many types; the user needs the dataset and the cause, not a traceback
+        sys.exit(f"train_sft.py: cannot load dataset '{source.path}' (split '{source.split}'): {why_not_loaded(err, source)}")
+    return raw.select_columns(source.columns) if source.columns else raw
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transforms on parsed xLAM rows {query, tools: [spec], answers: [{name, arguments}]}
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_irrelevant(row, rng, tool_pool):
+    """Remove the tools the answer calls; if none is left, list 1-3 unrelated tools instead. The answer becomes []."""
+    called = {call["name"] for call in row["answers"]}
+    tools = [t for t in row["tools"] if t["name"] not in called]
+    if not tools:
+        others = [t for t in tool_pool if t["name"] not in called]
+        tools = rng.sample(others, min(len(others), rng.randint(1, 3)))
+    return {**row, "tools": tools, "answers": []}
+
+
+def add_extra_tools(row, rng, tool_pool, n):
+    """n tools drawn from other rows (none sharing a name with a listed one), shuffled into the list."""
+    listed = {t["name"] for t in row["tools"]}
+    candidates = [t for t in tool_pool if t["name"] not in listed]
+    tools = row["tools"] + rng.sample(candidates, min(n, len(candidates)))
+    rng.shuffle(tools)
+    return {**row, "tools": tools}
+
+
+def _random_identifier(rng, low, high, taken):
+    while True:
+        name = rng.choice(string.ascii_lowercase) + "".join(
+            rng.choices(string.ascii_lowercase + string.digits + "_", k=rng.randint(low, high) - 1))
+        if name not in taken:
+            taken.add(name)
+            return name
+
+
+def mask_names(row, rng):
+    """Function names -> random 5-15 characters, parameter names -> random 4-10, consistently in the tool list and
+    the answer, so the model must read descriptions instead of memorising names (Hammer's function masking)."""
+    taken = set()
+    renamed = {t["name"]: _random_identifier(rng, 5, 15, taken) for t in row["tools"]}
+    params = {}
+    tools = []
+    for tool in row["tools"]:
+        spec = tool.get("parameters") or {}
+        schema_style = spec.get("type") in ("object", "dict") and isinstance(spec.get("properties"), dict)
+        names = list(spec["properties"] if schema_style else spec)
+        params[tool["name"]] = mapping = {p: _random_identifier(rng, 4, 10, taken) for p in names}
+        if schema_style:
+            spec = {**spec, "properties": {mapping[p]: v for p, v in spec["properties"].items()},
+                    "required": [mapping.get(p, p) for p in spec.get("required", [])]}
+        else:
+            spec = {mapping[p]: v for p, v in spec.items()}
+        tools.append({**tool, "name": renamed[tool["name"]], "parameters": spec})
+    answers = [{"name": renamed[c["name"]],
+                "arguments": {params[c["name"]].get(k, k): v for k, v in (c.get("arguments") or {}).items()}}
+               for c in row["answers"]]
+    return {**row, "tools": tools, "answers": answers}
+
+
+def pick(rng, indices, fraction):
+    """Exactly round(fraction * len(indices)) of them, at random."""
+    return set(rng.sample(indices, round(fraction * len(indices))))
+
+
+def convert_xlam_source(raw, args, seed, report):
+    """Parse, validate, transform and convert xLAM rows; returns [(example, [transform names])]."""
+    parsed = []
+    for index, row in enumerate(raw):
+        try:
+            fc.xlam_to_messages(row)  # validates the row as it is
+            parsed.append(fc.parse_xlam_row(row))
+        except fc.MalformedRow as err:
+            report["skipped"][err.reason] += 1
+            report["first_bad"].setdefault(err.reason, f"row {index}: {err}")
+    pool = list({t["name"]: t for row in parsed for t in row["tools"]}.values())
+    rng = random.Random(seed)
+    with_calls = [i for i, row in enumerate(parsed) if row["answers"]]
+    irrelevant = pick(rng, with_calls, args.irrelevance_fraction) if args.irrelevance_fraction else set()
+    masked = pick(rng, list(range(len(parsed))), args.function_masking_fraction) if args.function_masking_fraction else set()
+    examples = []
+    for i, row in enumerate(parsed):
+        row_rng = random.Random(f"{seed}-{i}")  # per row: the same row gets the same transform whatever else changes
+        tags = [] if row["answers"] else ["no_call"]
+        if i in irrelevant:
+            row, tags = make_irrelevant(row, row_rng, pool), tags + ["irrelevance"]
+        if args.extra_tools:
+            row, tags = add_extra_tools(row, row_rng, pool, args.extra_tools), tags + ["extra_tools"]
+        if i in masked:
+            row, tags = mask_names(row, row_rng), tags + ["masked"]
+        example = fc.xlam_to_messages(row, args.irrelevance_reply)
+        example["complexity"] = (max(len(row["answers"]), 1), len(row["tools"]))
+        examples.append((example, tags))
+    for tag in ("irrelevance", "no_call", "extra_tools", "masked"):
+        report["transforms"][tag] = sum(tag in tags for _, tags in examples)
+    return examples
+
+
+def convert_source(raw, source, args, seed, report):
+    if source.format == "xlam":
+        return convert_xlam_source(raw, args, seed, report)
+    examples = []
+    for index, row in enumerate(raw):
+        try:
+            example = CONVERTERS[source.format](row)
+        except fc.MalformedRow as err:
+            report["skipped"][err.reason] += 1
+            report["first_bad"].setdefault(err.reason, f"row {index}: {err}")
+            continue
+        if source.format == "messages":
+            calls = sum(len(m.get("tool_calls") or []) for m in example["messages"] if m["role"] == "assistant")
+            example["complexity"] = (max(calls, 1), len(example["tools"] or []))
+        else:
+            example["complexity"] = (1, 0)
+        examples.append((example, []))
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decontamination against BFCL v4 (every category's user turns, from the installed bfcl-eval data)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def normalise(text):
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
+
+
+def ngrams(words, n=DECONTAMINATION_NGRAM):
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def _user_texts(question):
+    if isinstance(question, dict):
+        return [question["content"]] if question.get("role") == "user" and isinstance(question.get("content"), str) else []
+    if isinstance(question, list):
+        return [text for item in question for text in _user_texts(item)]
+    return []
+
+
+class BfclQuestions:
+    """Every user turn of every BFCL v4 file, indexed for the three rules above."""
+
+    def __init__(self, data_dir=None):
+        from eval_bfcl import package_data_dir, read_jsonl
+
+        data_dir = Path(data_dir) if data_dir else package_data_dir()
+        self.texts, self.exact, self.short, self.index, self.grams = [], {}, {}, defaultdict(set), []
+        for path in sorted(data_dir.glob("BFCL_v4_*.json")):
+            if "format_sensitivity" in path.name:  # a list of ids of other categories' entries, not questions
+                continue
+            for entry in read_jsonl(path):
+                for text in _user_texts(entry.get("question")):
+                    number, words = len(self.texts), normalise(text).split()
+                    self.texts.append((entry.get("id", path.stem), text))
+                    self.exact.setdefault(" ".join(words), number)
+                    if SHORTEST_CONTAINED <= len(words) < DECONTAMINATION_NGRAM:
+                        self.short.setdefault(tuple(words), number)
+                    grams = ngrams(words)
+                    self.grams.append(len(grams))
+                    for gram in grams:
+                        self.index[gram].add(number)
+        if not self.texts:
+            sys.exit(f"train_sft.py: no BFCL questions found in {data_dir} to decontaminate against")
+
+    def match(self, request):
+        """(BFCL id, question) that the request duplicates, or None."""
+        words = normalise(request).split()
+        if " ".join(words) in self.exact:
+            return self.texts[self.exact[" ".join(words)]]
+        for size in range(SHORTEST_CONTAINED, DECONTAMINATION_NGRAM):
+            for start in range(len(words) - size + 1):
+                if tuple(words[start:start + size]) in self.short:
+                    return self.texts[self.short[tuple(words[start:start + size])]]
+        grams = ngrams(words)
+        hits = Counter(number for gram in grams for number in self.index.get(gram, ()))
+        for number, count in hits.items():
+            if count / len(grams) >= DECONTAMINATION_OVERLAP or count / self.grams[number] >= DECONTAMINATION_OVERLAP:
+                return self.texts[number]
+        return None
+
+
+def request_text(example):
+    if "messages" in example:
+        return "\n".join(m["content"] for m in example["messages"] if m["role"] == "user" and isinstance(m.get("content"), str))
+    return example["prompt"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole recipe
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def mixture_sizes(sizes, fractions):
+    """TRL's mixture rule (trl/scripts/utils.py get_dataset): shares normalised to one, and the largest total for
+    which no dataset is asked for more rows than it has; no fractions: every row of every dataset."""
+    if all(f is None for f in fractions):
+        return list(sizes)
+    weights = [f / sum(fractions) for f in fractions]
+    total = min(size / weight for size, weight in zip(sizes, weights) if weight > 0)
+    return [round(weight * total) for weight in weights]
+
+
+def build_datasets(args, seed, recipe=None):
+    """(train dataset, eval dataset or None, report) for a recipe's ScriptArguments."""
+    sources = source_configs(args, recipe)
+    bfcl = BfclQuestions(args.decontamination_data_dir) if args.decontaminate else None
+    if not args.decontaminate:
+        logger.warning("data: decontaminate is off: rows that repeat BFCL test questions stay in, and BFCL scores of "
+                       "this model may be inflated")
+    per_source, report = [], {"sources": [], "decontaminate": args.decontaminate}
+    for number, source in enumerate(sources):
+        raw = load_source(source)
+        if args.max_samples:
+            raw = raw.shuffle(seed=seed).select(range(min(args.max_samples, len(raw))))
+        stats = {"path": source.path, "format": source.format, "rows": len(raw), "skipped": Counter(), "first_bad": {},
+                 "transforms": {}, "decontaminated": 0, "decontaminated_example": None}
+        examples = convert_source(raw, source, args, seed + number, stats)
+        if bfcl:
+            kept = []
+            for example, tags in examples:
+                hit = bfcl.match(request_text(example))
+                if hit:
+                    stats["decontaminated"] += 1
+                    stats["decontaminated_example"] = stats["decontaminated_example"] or \
+                        f"{request_text(example)[:100]!r} ~ BFCL {hit[0]}: {hit[1][:100]!r}"
+                else:
+                    kept.append((example, tags))
+            examples = kept
+        bad = sum(stats["skipped"].values())
+        if stats["rows"] == 0 or bad > args.max_malformed_fraction * stats["rows"]:
+            sys.exit(f"train_sft.py: {bad} of {stats['rows']} rows of {source.path} are malformed, more than "
+                     f"max_malformed_fraction={args.max_malformed_fraction}: {dict(stats['skipped'])}")
+        random.Random(seed + number).shuffle(examples)  # the mixture takes the first rows of each source
+        per_source.append(examples)
+        report["sources"].append(stats)
+
+    sizes = mixture_sizes([len(e) for e in per_source], [s.fraction for s in sources])
+    rows = []
+    for examples, size, stats in zip(per_source, sizes, report["sources"]):
+        stats["taken"] = size
+        rows += examples[:size]
+    random.Random(seed).shuffle(rows)
+    held_out = 0
+    if args.eval_split_size:
+        held_out = round(args.eval_split_size * len(rows)) if args.eval_split_size < 1 else int(args.eval_split_size)
+    eval_rows, rows = rows[:held_out], rows[held_out:]
+    if args.curriculum:
+        # Stable sort on (calls, tools listed): one call among few tools first, parallel calls among many tools last;
+        # rows of equal complexity keep their shuffled order. train_sft.py makes the sampler sequential.
+        rows.sort(key=lambda item: tuple(item[0]["complexity"]))
+    report["train_rows"], report["eval_rows"] = len(rows), len(eval_rows)
+    log_report(report)
+    conversational = sources[0].format in CONVERSATIONAL
+    return to_dataset(rows, conversational), (to_dataset(eval_rows, conversational) if eval_rows else None), report
+
+
+def to_dataset(rows, conversational):
+    from datasets import Dataset, Features, Json, List, Value
+
+    columns = ["messages", "tools"] if conversational else ["prompt", "completion"]
+    table = [{**{c: example[c] for c in columns}, "transforms": ",".join(tags)} for example, tags in rows]
+    if not conversational:
+        return Dataset.from_list(table)
+    # Json() keeps each message and its tool-call arguments as written; Arrow structs would merge every row's argument
+    # names into one schema and render nulls into the prompt.
+    for row in table:
+        row["tools"] = json.dumps(row["tools"]) if row["tools"] else None
+    features = Features({"messages": List(Json()), "tools": Value("string"), "transforms": Value("string")})
+    return Dataset.from_list(table, features=features)
+
+
+def log_report(report):
+    for stats in report["sources"]:
+        logger.warning("data: %s (%s): %d rows, %d taken into the mixture", stats["path"], stats["format"],
+                       stats["rows"], stats["taken"])
+        if stats["skipped"]:
+            logger.warning("  skipped %d of %d rows of %s:", sum(stats["skipped"].values()), stats["rows"], stats["path"])
+            for reason, count in stats["skipped"].most_common():
+                logger.warning("  %-22s %6d  (first: %s)", reason, count, stats["first_bad"][reason][:120])
+        if any(stats["transforms"].values()):
+            logger.warning("  transforms: %s", ", ".join(f"{k} {v}" for k, v in stats["transforms"].items() if v))
+        if stats["decontaminated"]:
+            logger.warning("  decontaminated: %d rows dropped as BFCL test questions (e.g. %s)", stats["decontaminated"],
+                           stats["decontaminated_example"])
+
+
+def report_for_summary(report):
+    """JSON-ready copy of the report (Counters become dicts)."""
+    return json.loads(json.dumps(report, default=dict))
