@@ -88,7 +88,7 @@ def test_demo_heldout_split_and_compare(bfcl_demo_assets, tmp_path):
         "--output-dir", before, *FAST)
     demo_categories = sorted(p.name[len("BFCL_v4_"):-len(".json")] for p in heldout.glob("BFCL_v4_*.json"))
     summary = json.loads((before / "summary.json").read_text())
-    assert sorted(summary["categories"]) == demo_categories and len(demo_categories) == 4
+    assert sorted(summary["categories"]) == demo_categories and len(demo_categories) == 5
     assert all(s["total"] == s["expected"] for s in summary["categories"].values())
     assert summary["aggregates"]["overall (custom)"]["status"] == "ok"
 
@@ -134,7 +134,7 @@ def test_interrupted_run_resumes_missing_ids_only(bfcl_demo_assets, tmp_path):
     # Other generation settings (or retrained weights at the same path) never resume these results.
     proc = run(*args[:-len(FAST)], "--max-new-tokens", "5", "--batch-size", "4", check=False)
     assert proc.returncode != 0 and "--overwrite" in proc.stderr
-    assert "16 prompts to generate" in run(*args[:-len(FAST)], "--max-new-tokens", "5", "--batch-size", "4", "--overwrite").stdout
+    assert "20 prompts to generate" in run(*args[:-len(FAST)], "--max-new-tokens", "5", "--batch-size", "4", "--overwrite").stdout  # 5 x 4
 
 
 def test_weights_fingerprint_follows_content_not_timestamps(tmp_path):
