@@ -176,3 +176,37 @@ def test_states_equal_a_real_adamw_step(assets):
     assert result["parameters"] == nbytes(model.parameters())
     assert result["gradients"] == nbytes(p.grad for p in model.parameters())
     assert result["optimizer"] == nbytes(state)
+
+
+# --- long context: 8K / 16K and context parallelism ----------------------------------------------------------------
+
+
+def test_context_parallelism_divides_the_sequence_activations():
+    # cp devices share each sequence: activations are those of 1/cp of its tokens, with the mask dropped (plain causal
+    # attention, k/v at the kv heads, as with FlashAttention); states stay sharded over the whole world size
+    cp = em.estimate(QWEN3B, em.Setup(world_size=8, batch_size=1, seq_len=16384, cp_size=2))
+    half = em.estimate(QWEN3B, em.Setup(world_size=8, batch_size=1, seq_len=8192, attention="flash_attention_2"))
+    assert cp["activations"] == half["activations"]
+    assert (cp["parameters"], cp["gradients"], cp["optimizer"]) == (half["parameters"], half["gradients"], half["optimizer"])
+    s = em.shape_of(QWEN3B)
+    kv = s.d // s.heads * s.kv_heads
+    assert cp["temporary"] - half["temporary"] == 2 * 16384 * kv * 2  # one layer's all-gathered k and v (bf16)
+    quarter = em.estimate(QWEN3B, em.Setup(world_size=8, batch_size=1, seq_len=16384, cp_size=4))
+    assert quarter["activations"] == pytest.approx(cp["activations"] / 2)
+    for bad in (dict(cp_size=3), dict(cp_size=2, strategy="ddp"), dict(cp_size=2, padding_free=True),
+                dict(cp_size=2, attention="flash_attention_2")):
+        with pytest.raises(ValueError):
+            em.estimate(QWEN3B, em.Setup(world_size=8, batch_size=1, seq_len=16384, **bad))
+
+
+def test_long_context_recipes_fit_8_h100s_as_their_headers_say():
+    def peak(**setup):
+        return round(em.estimate(QWEN3B, em.Setup(world_size=8, batch_size=1, **setup))["peak"] / em.GiB, 1)
+
+    # recipes/xlam_8k.yaml and xlam_16k.yaml: one packed sequence per GPU, activation checkpointing
+    assert peak(seq_len=8192, padding_free=True, activation_checkpointing=True) == 9.6
+    assert peak(seq_len=16384, padding_free=True, activation_checkpointing=True) == 12.6
+    # recipes/xlam_16k_cp.yaml: without checkpointing one GPU cannot hold 16K tokens, two can
+    assert peak(seq_len=16384) == 101.1 and peak(seq_len=16384, cp_size=2) == 43.0
+    for recipe, value in (("xlam_8k.yaml", "9.6 GiB"), ("xlam_16k.yaml", "12.6 GiB"), ("xlam_16k_cp.yaml", "43.0 GiB")):
+        assert value in (REPO / "recipes" / recipe).read_text()
