@@ -93,9 +93,10 @@ def targets(config):
 def model_card(args, configs, base):
     import yaml
 
-    local = lambda name: Path(name).exists()  # noqa: E731 - hub metadata takes hub ids only
+    from epoch_checkpoints import looks_local
+
     metadata = {"library_name": "peft" if args.adapter_only else "transformers", "tags": ["lora", "merge", "trl"]}
-    if not local(base):
+    if not looks_local(base):  # hub metadata takes hub ids only
         metadata["base_model"] = base
     single = len(args.adapters) == 1
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "",
@@ -111,8 +112,10 @@ def model_card(args, configs, base):
     for folder, weight, config in zip(args.adapters, args.weights, configs):
         lines.append(f"| `{folder}` | {weight:g} | {config['r']} | {config['lora_alpha']} | "
                      f"{config['lora_alpha'] / config['r']:g} | {', '.join(sorted(targets(config)))} |")
-    settings = {"method": None if single else args.method, "density": args.density, "svd_rank": args.svd_rank,
-                "seed": args.seed, "dtype": args.dtype, "output": "adapter" if args.adapter_only else "merged checkpoint"}
+    method = None if single else args.method
+    settings = {"method": method, "density": args.density if method in DENSITY_METHODS else None,
+                "svd_rank": args.svd_rank if method == "svd" else None, "seed": args.seed if method else None,
+                "dtype": args.dtype, "output": "adapter" if args.adapter_only else "merged checkpoint"}
     lines += ["", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in settings.items() if value is not None]
     lines += ["", "Command: `python merge_adapters.py " + " ".join(args.argv) + "`", ""]

@@ -136,7 +136,7 @@ def run_card(folder, run, price_per_gpu_hour):
     ]
     if run.get("recipe_text"):
         lines += [f"Recipe `{run.get('recipe')}`:", "", "```yaml", run["recipe_text"].rstrip(), "```", ""]
-    lines += ["Command: `" + " ".join(run.get("command", [])) + "` (through `accelerate launch`)", ""]
+    lines += ["Command: `" + " ".join(run.get("command", [])) + "`", ""]
     return epoch_checkpoints.scrub_token("\n".join(lines))
 
 
