@@ -158,7 +158,8 @@ def push(folder, repo_id, revision=None, private=True, client=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="the model folder: train_sft.py's output_dir, or merge_adapters.py's --output")
-    parser.add_argument("--bfcl", help="eval_bfcl.py's --output-dir for this model (its summary.json)")
+    parser.add_argument("--bfcl", help="eval_bfcl.py's --output-dir for this model (its summary.json); a card rewritten "
+                        "from run_summary.json without it has no BFCL results")
     parser.add_argument("--price-per-gpu-hour", type=float, default=PLAN_PRICE_PER_GPU_HOUR,
                         help="for the cost line (default: the plan's $23/hour for 8 GPUs)")
     parser.add_argument("--push", metavar="REPO_ID", help="push the folder to this hub repository (token: HF_TOKEN)")
