@@ -71,8 +71,61 @@ def full_state_dict(trainer):
         plugin.state_dict_type, plugin.state_dict_config, plugin.optim_state_dict_config = saved
 
 
-def _looks_local(name):
+def looks_local(name):
     return name is None or Path(name).exists() or Path(name).suffix in (".json", ".jsonl", ".parquet")
+
+
+# --- hub calls, shared with model_card.py: the token comes from HF_TOKEN only and never reaches a message --------------
+
+
+def scrub_token(text):
+    token = os.environ.get("HF_TOKEN")
+    return str(text).replace(token, "***") if token else str(text)
+
+
+def hub_access_problem(get_client, repo_id, private, what, create_repo=True):
+    """Before any work: a token in HF_TOKEN, the hub reachable, the repository writable. The problem, or None.
+    `what` names the setting that asked for the push (e.g. "hub_push_epochs=branch")."""
+    if not os.environ.get("HF_TOKEN"):
+        return (f"{what} needs a write token in the HF_TOKEN environment variable (export HF_TOKEN=hf_...); it is read "
+                "from there only")
+    try:
+        client = get_client()
+        who = client.whoami()
+        if create_repo:
+            client.create_repo(repo_id, private=private, exist_ok=True)
+        logger.warning("%s: pushing to %s as %s", what, repo_id, who.get("name", "?") if isinstance(who, dict) else "?")
+    except Exception as err:  # noqa: BLE001 - any failure here means we cannot push later either
+        return (f"cannot reach or write to the Hugging Face Hub for {what} (hub_model_id {repo_id}): "
+                f"{type(err).__name__}: {scrub_token(err)[:500]}")
+    return None
+
+
+def push_folder(client, folder, repo_id, branch, private, what, commit_message):
+    """Upload a local folder to a repository (and branch), creating them if needed. Returns None, or an error message
+    that names the local folder, which is kept, and the command that pushes it later."""
+    where = f"{repo_id}@{branch}" if branch else repo_id
+    try:
+        client.create_repo(repo_id, private=private, exist_ok=True)
+        if branch:
+            client.create_branch(repo_id, branch=branch, exist_ok=True)
+        client.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=branch, commit_message=commit_message)
+    except Exception as err:  # noqa: BLE001
+        retry = f"hf upload {repo_id} {folder}" + (f" --revision {branch}" if branch else "")
+        return (f"pushing {what} to {where} failed: {type(err).__name__}: {scrub_token(err)[:500]}\n"
+                f"  The checkpoint is saved at {folder}; push it later with: {retry}")
+    logger.warning("pushed %s to https://huggingface.co/%s%s", what, repo_id, f"/tree/{branch}" if branch else "")
+    return None
+
+
+def fail_on_all_ranks(accelerator, message, error=SystemExit):
+    """Rank 0 decided (talked to the hub, checked a file); every rank learns the outcome so all stop together instead
+    of waiting in a collective for a rank that has gone."""
+    from accelerate.utils import broadcast_object_list
+
+    message = broadcast_object_list([message])[0] if accelerator.num_processes > 1 else message
+    if message:
+        raise error(message) if accelerator.is_main_process else SystemExit(1)  # say it once
 
 
 class EpochCheckpointCallback(TrainerCallback):
@@ -100,65 +153,31 @@ class EpochCheckpointCallback(TrainerCallback):
 
     # --- hub ------------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _scrub(text):
-        token = os.environ.get("HF_TOKEN")
-        return str(text).replace(token, "***") if token else str(text)
-
     def _client(self):
         if self.hub_client is None:
             self.hub_client = make_hub_client(os.environ["HF_TOKEN"])
         return self.hub_client
 
-    def _all_ranks_fail_on(self, message, error=SystemExit):
-        """Rank 0 talks to the hub; every rank learns the outcome so all stop together instead of waiting in a
-        collective for a rank that has gone."""
-        from accelerate.utils import broadcast_object_list
-
-        message = broadcast_object_list([message])[0] if self.trainer.accelerator.num_processes > 1 else message
-        if message:
-            raise error(message) if self.trainer.accelerator.is_main_process else SystemExit(1)  # say it once
-
     def check_hub(self):
         """Before the first step: token present, hub reachable, main repository writable."""
         problem = None
         if self.trainer.accelerator.is_main_process:
-            if not os.environ.get("HF_TOKEN"):
-                problem = (f"epoch_checkpoints: hub_push_epochs={self.push_mode} needs a write token in the HF_TOKEN "
-                           "environment variable (export HF_TOKEN=hf_...); it is read from there only")
-            else:
-                try:
-                    client = self._client()
-                    who = client.whoami()
-                    if self.push_mode in ("branch", "both"):
-                        client.create_repo(self.args.hub_model_id, private=self.args.hub_private_repo, exist_ok=True)
-                    logger.warning("pushing each epoch (%s) to %s as %s", self.push_mode,
-                                   self.args.hub_model_id, who.get("name", "?") if isinstance(who, dict) else "?")
-                except Exception as err:  # noqa: BLE001 - any failure here means we cannot push later either
-                    problem = (f"epoch_checkpoints: cannot reach or write to the Hugging Face Hub for hub_push_epochs="
-                               f"{self.push_mode} (hub_model_id {self.args.hub_model_id}): {type(err).__name__}: "
-                               f"{self._scrub(err)[:500]}\n  Fix the network/token, or drop hub_push_epochs to train with "
-                               "local epoch checkpoints only.")
-        self._all_ranks_fail_on(problem)
+            problem = hub_access_problem(self._client, self.args.hub_model_id, self.args.hub_private_repo,
+                                         f"hub_push_epochs={self.push_mode}",
+                                         create_repo=self.push_mode in ("branch", "both"))
+            if problem:
+                problem = (f"epoch_checkpoints: {problem}\n  Fix the network/token, or drop hub_push_epochs to train "
+                           "with local epoch checkpoints only.")
+        fail_on_all_ranks(self.trainer.accelerator, problem)
 
     def push(self, folder, epoch, eval_loss):
         """Rank 0 only. Returns an error message, or None when every target got the epoch."""
         loss = f"{eval_loss:.4f}" if eval_loss is not None else "n/a"
         for repo_id, branch in hub_targets(self.args.hub_model_id, epoch, self.push_mode):
-            where = f"{repo_id}@{branch}" if branch else repo_id
-            try:
-                client = self._client()
-                client.create_repo(repo_id, private=self.args.hub_private_repo, exist_ok=True)
-                if branch:
-                    client.create_branch(repo_id, branch=branch, exist_ok=True)
-                client.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=branch,
-                                     commit_message=f"epoch {epoch}: eval_loss {loss}")
-            except Exception as err:  # noqa: BLE001
-                retry = f"hf upload {repo_id} {folder}" + (f" --revision {branch}" if branch else "")
-                return (f"epoch_checkpoints: pushing epoch {epoch} to {where} failed: {type(err).__name__}: "
-                        f"{self._scrub(err)[:500]}\n  The checkpoint is saved at {folder}; push it later with: {retry}")
-            logger.warning("pushed epoch %d to https://huggingface.co/%s%s", epoch, repo_id,
-                           f"/tree/{branch}" if branch else "")
+            problem = push_folder(self._client(), folder, repo_id, branch, self.args.hub_private_repo,
+                                  f"epoch {epoch}", f"epoch {epoch}: eval_loss {loss}")
+            if problem:
+                return f"epoch_checkpoints: {problem}"
         return None
 
     # --- the checkpoint ----------------------------------------------------------------------------------------------
@@ -167,9 +186,9 @@ class EpochCheckpointCallback(TrainerCallback):
         args, script_args = self.args, self.script_args
         base_model = getattr(self.trainer.model.config, "_name_or_path", None)
         metadata = {"library_name": "transformers", "tags": ["trl", "sft", "fsdp"]}
-        if not _looks_local(base_model):
+        if not looks_local(base_model):
             metadata["base_model"] = base_model
-        if not _looks_local(script_args.dataset_name):
+        if not looks_local(script_args.dataset_name):
             metadata["datasets"] = [script_args.dataset_name]
         train_losses = [h["loss"] for h in state.log_history if "loss" in h]
         eval_rows = len(self.trainer.eval_dataset) if self.trainer.eval_dataset is not None else 0
@@ -195,7 +214,7 @@ class EpochCheckpointCallback(TrainerCallback):
             lines += [f"## Recipe `{self.recipe_path}`", "", "```yaml", Path(self.recipe_path).read_text().rstrip(), "```", ""]
             if self.overrides:
                 lines += ["Command-line overrides: `" + " ".join(self.overrides) + "`", ""]
-        return self._scrub("\n".join(lines))
+        return scrub_token("\n".join(lines))
 
     def save_epoch(self, epoch, eval_loss, state):
         folder = Path(self.args.output_dir) / "checkpoints" / f"ep{epoch}"
@@ -210,7 +229,7 @@ class EpochCheckpointCallback(TrainerCallback):
             if self.push_mode:
                 problem = self.push(folder, epoch, eval_loss)
         if self.push_mode:
-            self._all_ranks_fail_on(problem, HubPushError)
+            fail_on_all_ranks(self.trainer.accelerator, problem, HubPushError)
 
     # --- Trainer events ----------------------------------------------------------------------------------------------
 

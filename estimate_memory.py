@@ -4,6 +4,7 @@ accelerate 1.15 FSDP2, transformers 5 Qwen2/OPT layers with SDPA). No GPU, no we
     python estimate_memory.py --model qwen2.5-3b --world-size 8 --strategy full_shard --batch-size 16 --seq-len 1024
     python estimate_memory.py --model demo_assets/tiny-qwen2 --world-size 2 --dtype float32 --mixed-precision no --device cpu
     python estimate_memory.py --model qwen2.5-3b --world-size 1 --strategy single --qlora --lora-r 16 --gpu-gb 24
+    python estimate_memory.py --model qwen2.5-3b --world-size 8 --batch-size 1 --seq-len 16384 --cp-size 2   # 16K, cp
 
 What is counted, per device (bytes of live tensors, i.e. torch.cuda.max_memory_allocated; not the CUDA context):
   parameters    sharded storage. FSDP2 with mixed precision keeps fp32 master copies of trainable parameters
@@ -17,6 +18,9 @@ What is counted, per device (bytes of live tensors, i.e. torch.cuda.max_memory_a
                 backward and the embedding/LM-head group for the whole step; every layer for shard_grad_op), TRL's
                 chunked LM-head buffers, its fp32 weight-gradient accumulator and the unsharded LM-head gradient
                 (or, if larger, a decoder layer's unsharded gradients), the bool attention mask.
+Context parallelism (--cp-size, FSDP2 only): each sequence is split over cp devices, so every per-token activation
+and buffer above is divided by cp; the attention mask is dropped (plain causal attention, k/v stay at the kv heads)
+and the full sequence's k/v of one layer are all-gathered; parameters stay sharded over the whole world size.
 The peak is parameters + optimizer + max(backward start: activations + temporary [+ accumulated gradients],
 optimizer step: gradients + one fp32 copy of the largest tensor). Each term is reported so the prediction can be
 checked against measured peaks (bench_fsdp.py does, for every row it measures).
@@ -174,6 +178,7 @@ class Setup:
     attention: str = "sdpa"              # sdpa | flash_attention_2 | flex_attention (no mask, k/v stay at the kv heads)
     loss_fraction: float = 1.0           # fraction of positions with a label (assistant-only loss: ~0.1-0.2)
     gradient_accumulation_steps: int = 1
+    cp_size: int = 1                     # context parallelism: devices sharing one sequence (FSDP2, sdpa, no packing)
     device: str = "cuda"                 # cuda (Triton LM-head kernels) | cpu (torch fallback; RSS counts touched pages)
 
 
@@ -181,6 +186,14 @@ def estimate(config, setup):
     """Per-device memory in bytes, by part, and the peak. See the module docstring for what each part holds."""
     s = shape_of(config)
     counts = parameter_counts(s)
+    if setup.cp_size > 1:  # what accelerate 1.15 / TRL 1.16 accept (accelerate_configs/fsdp_cp.yaml)
+        if setup.strategy not in ("full_shard", "shard_grad_op") or setup.world_size % setup.cp_size:
+            raise ValueError(f"cp_size {setup.cp_size} needs FSDP over a world size it divides (got {setup.strategy} "
+                             f"over {setup.world_size})")
+        if setup.padding_free:
+            raise ValueError("context parallelism keeps plain causal attention: no padding-free batches or packing")
+        if setup.attention != "sdpa":
+            raise ValueError(f"context parallelism runs only sdpa attention, not {setup.attention}")
     shard = setup.world_size if setup.strategy in ("full_shard", "shard_grad_op") else 1
     fsdp = setup.strategy in ("full_shard", "shard_grad_op")
     load = DTYPE_BYTES[setup.dtype]
@@ -205,8 +218,8 @@ def estimate(config, setup):
 
     # Activations of one micro-batch
     rows, length = setup.batch_size, setup.seq_len
-    tokens = rows * length
-    flash = setup.attention in ("flash_attention_2", "flex_attention")  # no materialised mask; k/v stay at kv heads
+    tokens = rows * length / setup.cp_size                                  # this device's share of the sequences
+    flash = setup.attention in ("flash_attention_2", "flex_attention") or setup.cp_size > 1  # no mask; k/v at kv heads
     mask_span = 0 if flash else (tokens if setup.padding_free else length)  # keys each query's mask row covers
     per_layer = activation_bytes_per_token_per_layer(s, c, lora_r, mask_span, 1 if setup.device == "cuda" else c,
                                                      gqa_in_sdpa=flash)
@@ -238,7 +251,9 @@ def estimate(config, setup):
         gathered = in_flight * layer_unsharded + tail_params * c           # the tail group stays gathered fwd -> bwd
     elif setup.mixed_precision != "no" and load == 4:
         gathered = total * c                                               # autocast's bf16 weight cache (DDP, fp32 load)
-    temporary = gathered + max(head, layer_grads) + tied_grad + attention_mask
+    kv = s.d // s.heads * s.kv_heads
+    cp_kv = 2 * rows * length * kv * c if setup.cp_size > 1 else 0        # one layer's all-gathered k and v
+    temporary = gathered + max(head, layer_grads) + tied_grad + attention_mask + cp_kv
 
     # Gradient accumulation: the Trainer skips gradient sync between micro-batches (accelerate no_sync); FSDP2 then
     # keeps every trainable gradient unsharded in the compute dtype until the last micro-batch.
@@ -272,15 +287,20 @@ def main():
     args = parser.parse_args()
 
     setup = Setup(**{k: getattr(args, k) for k in asdict(defaults)})
-    result = estimate(load_config(args.model), setup)
+    try:
+        result = estimate(load_config(args.model), setup)
+    except ValueError as err:
+        parser.error(str(err))
     capacity = args.gpu_gb or GPUS_GB[args.gpu]
     # The caching allocator reserves more than it hands out; 10% is typical for steady training steps.
     result["fits"] = result["peak"] * 1.10 / GiB <= capacity
     if args.json:
         print(json.dumps({"model": args.model, **asdict(setup), **result, "device_gib": capacity}, indent=1))
         return
+    where = f"{setup.batch_size} x {setup.seq_len} tokens per device" if setup.cp_size == 1 else \
+        f"{setup.batch_size} x {setup.seq_len} tokens per {setup.cp_size} devices (context parallel)"
     print(f"{args.model}: {result['total_parameters'] / 1e9:.3f}B parameters, {result['trainable_parameters'] / 1e6:.1f}M trainable; "
-          f"{setup.strategy} over {setup.world_size}, {setup.batch_size} x {setup.seq_len} tokens per device")
+          f"{setup.strategy} over {setup.world_size}, {where}")
     for part in ("parameters", "gradients", "optimizer", "activations", "temporary"):
         print(f"  {part:<12} {result[part] / GiB:8.2f} GiB")
     print(f"  {'peak':<12} {result['peak'] / GiB:8.2f} GiB  (in the {result['peak_phase']})")

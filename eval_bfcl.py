@@ -5,6 +5,9 @@ the official checker scores them (our implementation lives in function_calling.p
     accelerate launch --multi_gpu --num_processes 8 eval_bfcl.py --model ... --output-dir ...  # a slice per process
     python eval_bfcl.py score --result-dir runs/bfcl/qwen2.5-3b                                 # no model loaded
     python eval_bfcl.py compare runs/bfcl/base runs/bfcl/sft                                     # side by side
+    python eval_bfcl.py --model runs/x --output-dir runs/bfcl/x --model-card runs/x/README.md    # scores into the card
+
+--model may be an adapter folder (adapter_config.json): its base model is loaded with the adapter merged in.
 
 Generation appends BFCL result files (`BFCL_v4_<category>_result.json`, one {"id", "result"} per line) after every
 batch; the same command run again generates only the ids still missing. Multi-turn and agentic categories are out
@@ -201,15 +204,30 @@ def model_dtype(requested, device_type):
     return "bfloat16" if device_type == "cuda" else "float32"
 
 
+def is_adapter(model):
+    return (Path(model) / "adapter_config.json").is_file()
+
+
+def load_model(model, **load_kwargs):
+    """A full checkpoint, or an adapter folder (adapter_config.json, as train_sft.py or merge_adapters.py write it):
+    its base model with the adapter merged in, so that it generates at the base model's speed."""
+    from transformers import AutoModelForCausalLM
+
+    if is_adapter(model):
+        from merge_adapters import load_base_with_adapters
+
+        return load_base_with_adapters([model], **load_kwargs)[0].merge_and_unload()
+    return AutoModelForCausalLM.from_pretrained(model, **load_kwargs)
+
+
 def generate_with_transformers(args, state, tokenizer, token_ids, write_batch):
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
     device = state.device
     dtype = getattr(torch, model_dtype(args.dtype, device.type))
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map={"": str(device)},
-                                                 trust_remote_code=args.trust_remote_code).eval()
+    model = load_model(args.model, dtype=dtype, device_map={"": str(device)}, trust_remote_code=args.trust_remote_code).eval()
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=sorted(eos_ids),
@@ -237,6 +255,9 @@ def generate_with_vllm(args, state, tokenizer, token_ids, write_batch):
         sys.exit("--backend vllm needs vllm installed (pip install vllm)")
     if state.num_processes > 1:
         sys.exit("--backend vllm runs as one process; use --tensor-parallel-size instead of accelerate launch")
+    if is_adapter(args.model):
+        sys.exit(f"--backend vllm: {args.model} is an adapter; merge it first (python merge_adapters.py {args.model} "
+                 "--output MERGED) or use --backend transformers")
     from tqdm.auto import tqdm
 
     llm = LLM(model=args.model, dtype="auto" if args.dtype == "auto" else args.dtype, seed=0,
@@ -359,7 +380,7 @@ def run_generation(args):
         print(f"generated {prompts_done} prompts in {gen_time:.1f}s on {stats['device']} "
               f"({stats['prompts_per_s']} prompts/s, {stats['generated_tokens_per_s']} generated tokens/s)")
     if not args.no_score:
-        run_score(output_dir, output_dir, data_dir, args.decoder)
+        run_score(output_dir, output_dir, data_dir, args.decoder, args.model_card)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -471,7 +492,7 @@ def summary_markdown(summary):
     return "\n".join(lines + ["", SCOPE_NOTE, ""])
 
 
-def run_score(result_dir, output_dir=None, data_dir=None, decoder=None):
+def run_score(result_dir, output_dir=None, data_dir=None, decoder=None, model_card=None):
     result_dir = Path(result_dir)
     output_dir = Path(output_dir or result_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -499,6 +520,11 @@ def run_score(result_dir, output_dir=None, data_dir=None, decoder=None):
     markdown = summary_markdown(summary)
     (output_dir / "summary.md").write_text(markdown)
     print(markdown)
+    if model_card:  # the scores into the card's model-index metadata, which the hub shows
+        from model_card import write_bfcl_results
+
+        write_bfcl_results(model_card, summary)
+        print(f"BFCL results written into {model_card}")
     return summary
 
 
@@ -536,8 +562,9 @@ def main(argv=None):
         parser.add_argument("--output-dir", help="where score files and summaries go (default: --result-dir)")
         parser.add_argument("--data-dir", help="BFCL_v4_*.json + possible_answer/ (default: the run's, else bfcl-eval's)")
         parser.add_argument("--decoder", choices=sorted(BFCL_DECODERS), help="default: the run's, else qwen")
+        parser.add_argument("--model-card", help="README.md to write the results into (model-index metadata + table)")
         args = parser.parse_args(argv[1:])
-        run_score(args.result_dir, args.output_dir, args.data_dir, args.decoder)
+        run_score(args.result_dir, args.output_dir, args.data_dir, args.decoder, args.model_card)
         return
     if argv[:1] == ["compare"]:
         parser = argparse.ArgumentParser(prog="eval_bfcl.py compare", description="Compare scored runs side by side.")
@@ -562,6 +589,8 @@ def main(argv=None):
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="discard earlier results of these categories")
     parser.add_argument("--no-score", action="store_true", help="generate only")
+    parser.add_argument("--model-card", help="README.md to write the results into (model-index metadata + table); "
+                        "model_card.py writes the rest of the card")
     args = parser.parse_args(argv)
     args.decoder = args.decoder or ("qwen" if args.mode == "fc" else "python")
     run_generation(args)

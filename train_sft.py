@@ -14,6 +14,7 @@ import os
 import resource
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,9 +92,15 @@ def parse_recipe(argv):
     problems, hints = unknown_keys(parser, recipe, config, argv)
     if problems:
         sys.exit("train_sft.py: " + "; ".join(problems) + ("\n  " + "\n  ".join(hints) if hints else ""))
+    argv = ["--config", recipe, *argv] if recipe else argv
+    # QLoRA's check needs ModelConfig alone; it goes before SFTConfig is built, which validates bf16 against the
+    # hardware and would stop a QLoRA recipe on a machine without a GPU for the wrong reason.
+    model_only = TrlParser((ModelConfig,)).parse_args_and_config(list(argv), return_remaining_strings=True)[0]
+    problem = quantization_problem(model_only, recipe, **launch_environment())
+    if problem:
+        sys.exit(f"train_sft.py: {problem}")
     try:
-        script_args, training_args, model_args = parser.parse_args_and_config(
-            ["--config", recipe, *argv] if recipe else argv)
+        script_args, training_args, model_args = parser.parse_args_and_config(argv)
     except ValueError as err:
         if "bf16" not in str(err):
             raise
@@ -106,8 +113,87 @@ def parse_recipe(argv):
     training_data.source_configs(script_args, recipe)  # dataset keys are checked before any data or model is loaded
     if not model_args.model_name_or_path:
         sys.exit(f"train_sft.py: the recipe {recipe} must set model_name_or_path")
+    problem = context_parallel_problem(training_args, model_args, recipe,
+                                       int(os.environ.get("PARALLELISM_CONFIG_CP_SIZE", "1")))
+    if problem:
+        sys.exit(f"train_sft.py: {problem}")
     script_args.recipe = recipe
     return script_args, training_args, model_args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch checks that need neither data nor model: QLoRA and context parallelism fail here in seconds, with the key.
+# ----------------------------------------------------------------------------------------------------------------
+
+MIXED_PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # accelerate's mixed_precision -> compute dtype
+
+
+def launch_environment():
+    """What the QLoRA check depends on: accelerate launch's environment, bitsandbytes and a CUDA device."""
+    import importlib.util
+
+    import torch
+
+    return {"fsdp": os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true",
+            "mixed_precision": os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
+            "bitsandbytes_installed": importlib.util.find_spec("bitsandbytes") is not None,
+            "cuda_available": torch.cuda.is_available()}
+
+
+def quantization_problem(model_args, recipe, fsdp, mixed_precision, bitsandbytes_installed, cuda_available):
+    """Why the recipe's quantized base (QLoRA) cannot train in this launch, or None.
+
+    Under FSDP2 the 4-bit weights must be stored (`bnb_4bit_quant_storage`) in the compute dtype. With the default
+    uint8, accelerate 1.15 leaves them out of sharding (a whole copy on every GPU). With another float dtype, FSDP2's
+    mixed-precision policy casts the packed 4-bit bytes to the compute dtype as if they were numbers, i.e. garbage
+    weights: transformers 5.23 aligns that policy with the storage dtype (update_fsdp_plugin_peft) only for FSDP1,
+    where the optimizer is created late; for FSDP2 the accelerate config's mixed_precision is used as is."""
+    key = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit" if model_args.load_in_8bit else None
+    if key is None:
+        return None
+    if not bitsandbytes_installed:
+        return f"{key}: true in {recipe} needs bitsandbytes, which is not installed (pip install -r requirements-gpu.txt)"
+    if not cuda_available:
+        return f"{key}: true in {recipe} needs a CUDA GPU for bitsandbytes' quantized weights, and none is visible"
+    if not model_args.use_peft:
+        return f"{key}: true in {recipe} freezes a quantized base, so only adapters can train: set use_peft: true"
+    if not fsdp:
+        return None
+    if model_args.load_in_8bit:
+        return (f"load_in_8bit: true in {recipe}: FSDP cannot shard 8-bit weights; use load_in_4bit with "
+                "bnb_4bit_quant_storage, or a DDP accelerate config")
+    storage = model_args.bnb_4bit_quant_storage or "uint8"
+    compute = MIXED_PRECISION_DTYPES.get(mixed_precision, model_args.dtype)
+    if storage == compute:
+        return None
+    why = ("FSDP2 cannot shard 4-bit weights packed in an integer dtype (accelerate keeps a whole copy on every GPU)"
+           if storage in ("uint8", "int8") else
+           f"FSDP2 would cast the packed 4-bit bytes from {storage} to the compute dtype {compute} as numbers (garbage "
+           "weights)")
+    return (f"bnb_4bit_quant_storage: {storage} in {recipe} under FSDP: {why}; set bnb_4bit_quant_storage: {compute} "
+            f"(the compute dtype: mixed_precision {mixed_precision}, dtype {model_args.dtype})")
+
+
+def context_parallel_problem(training_args, model_args, recipe, cp_size):
+    """Why the recipe cannot run with context parallelism (parallelism_config_cp_size > 1 in the accelerate config).
+
+    transformers 5.23 / accelerate 1.15 / torch 2.13 shard each sequence over the cp ranks with torch's context_parallel:
+    SDPA only (its ring attention replaces the CUDA SDPA kernels; no FlashAttention, no CPU), the attention mask is
+    dropped for plain causal attention (so no packing: TRL refuses it, rows would attend across each other), and the
+    head-tail load balancer cuts every sequence into 2 x cp_size equal chunks."""
+    if cp_size <= 1:
+        return None
+    if training_args.packing or training_args.padding_free:
+        key = "packing" if training_args.packing else "padding_free"
+        return (f"{key}: true in {recipe} cannot run with context parallelism (cp_size {cp_size}): it drops the "
+                "attention mask, so packed rows would attend to each other; set packing: false, padding_free: false")
+    if model_args.attn_implementation != "sdpa":
+        return (f"attn_implementation: {model_args.attn_implementation} in {recipe}: context parallelism (cp_size "
+                f"{cp_size}) supports only sdpa")
+    if not training_args.pad_to_multiple_of or training_args.pad_to_multiple_of % (2 * cp_size):
+        return (f"pad_to_multiple_of: {training_args.pad_to_multiple_of} in {recipe}: context parallelism splits each "
+                f"sequence into 2 x cp_size = {2 * cp_size} equal chunks; set it to a multiple of {2 * cp_size}")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,7 +226,15 @@ def sharding_report(model):
     return report
 
 
-def make_report_callback(accelerator, output_dir, data_report=None):
+def device_name():
+    import platform
+
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()})"
+
+
+def make_report_callback(accelerator, output_dir, run_info=None):
     from transformers import TrainerCallback
 
     class RunReportCallback(TrainerCallback):
@@ -186,6 +280,7 @@ def make_report_callback(accelerator, output_dir, data_report=None):
             per_rank = accelerator.gather(torch.tensor([list(memory.values())], device=accelerator.device)).tolist()
             if accelerator.is_main_process:
                 summary = {
+                    **(run_info or {}),
                     "distributed_type": str(accelerator.distributed_type),
                     "fsdp_version": getattr(getattr(accelerator.state, "fsdp_plugin", None), "fsdp_version", None),
                     "num_processes": accelerator.num_processes,
@@ -193,13 +288,55 @@ def make_report_callback(accelerator, output_dir, data_report=None):
                     "peak_memory_per_rank": [dict(zip(memory, row)) for row in per_rank],
                     "train_seconds": round(time.perf_counter() - self.started, 2),
                     "global_step": state.global_step,
-                    "data": data_report,
                     "log_history": state.log_history,
                 }
                 Path(output_dir).mkdir(parents=True, exist_ok=True)
                 (Path(output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=1))
 
     return RunReportCallback()
+
+
+def check_saved_adapter(trainer, folder):
+    """Stop every rank when the adapter saved in `folder` lacks any trained tensor or holds one at a shard's shape:
+    the known FSDP2 + PEFT failure keeps only rank 0's shard of a sharded adapter, and a resumed run then silently
+    retrains the rest from scratch. Shapes are compared as a multiset: save-time key names vary with wrappers."""
+    from safetensors import safe_open
+
+    from epoch_checkpoints import fail_on_all_ranks
+
+    problem = None
+    if trainer.accelerator.is_main_process:
+        expected = Counter(tuple(p.shape) for p in trainer.model.parameters() if p.requires_grad)  # DTensor: global
+        path = Path(folder) / "adapter_model.safetensors"
+        saved = Counter()
+        if path.is_file():
+            with safe_open(path, framework="pt") as f:
+                saved = Counter(tuple(f.get_slice(k).get_shape()) for k in f.keys())
+        missing = expected - saved
+        if missing:
+            problem = (f"train_sft.py: the adapter saved in {folder} lacks {sum(missing.values())} of the "
+                       f"{sum(expected.values())} trained tensors at their full shape (missing shapes: "
+                       f"{dict(missing)}): only part of the FSDP-sharded adapter was gathered; do not use this folder")
+    fail_on_all_ranks(trainer.accelerator, problem, RuntimeError)
+
+
+def make_adapter_checkpoint_callback(trainer):
+    from transformers import TrainerCallback
+
+    from epoch_checkpoints import full_state_dict
+
+    class AdapterCheckpointCallback(TrainerCallback):
+        """LoRA under FSDP: the trainer's checkpoint-N holds sharded (DCP) state to resume from; this adds the whole
+        adapter gathered from every rank (adapter_model.safetensors, adapter_config.json, tokenizer), so any
+        checkpoint can be evaluated or merged like a final adapter, and checks that no rank's shard is missing."""
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            with full_state_dict(trainer):  # a collective: every rank takes part, rank 0 writes
+                trainer.save_model(str(folder))
+            check_saved_adapter(trainer, folder)
+
+    return AdapterCheckpointCallback()
 
 
 def last_complete_checkpoint(output_dir):
@@ -282,8 +419,18 @@ def main(script_args, training_args, model_args):
         if trainer.accelerator.is_main_process:
             show_examples(trainer, script_args.show_examples)
         return
-    trainer.callback_handler.callbacks.insert(0, make_report_callback(trainer.accelerator, training_args.output_dir,
-                                                                         training_data.report_for_summary(data_report)))
+    run_info = {  # for the model card (model_card.py): what was trained, on what, on which machine
+        "command": ["train_sft.py", *sys.argv[1:]], "recipe": script_args.recipe,
+        "model_name_or_path": model_args.model_name_or_path, "use_peft": bool(model_args.use_peft),
+        "data": training_data.report_for_summary(data_report),  # rows per source: read, malformed, decontaminated, taken
+        "device": device_name(),
+    }
+    if run_info["recipe"]:
+        run_info["recipe_text"] = Path(run_info["recipe"]).read_text()
+    trainer.callback_handler.callbacks.insert(0, make_report_callback(trainer.accelerator, training_args.output_dir, run_info))
+    adapter_under_fsdp = trainer.is_fsdp_enabled and model_args.use_peft
+    if adapter_under_fsdp:
+        trainer.add_callback(make_adapter_checkpoint_callback(trainer))
     if script_args.epoch_checkpoints or script_args.hub_push_epochs:
         from epoch_checkpoints import EpochCheckpointCallback
 
@@ -302,6 +449,8 @@ def main(script_args, training_args, model_args):
     if trainer.is_fsdp_enabled:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(training_args.output_dir)
+    if adapter_under_fsdp:
+        check_saved_adapter(trainer, training_args.output_dir)
     if trainer.accelerator.is_main_process:
         trainer.create_model_card(model_name=Path(training_args.output_dir).name, dataset_name=script_args.dataset_name)
         skipped = sum(sum(source["skipped"].values()) for source in data_report["sources"])

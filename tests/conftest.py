@@ -58,3 +58,69 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --- recipes/xlam_lora.yaml on the tiny model through 2-process FSDP2: one uninterrupted run and one killed and resumed,
+# shared by tests/test_lora_qlora.py (adapter shards, resume) and tests/test_model_card.py (the card of a real run) -----
+
+LORA_RUN_ARGS = ["--max_steps", "12", "--save_strategy", "steps", "--save_steps", "4", "--logging_steps", "1"]
+LORA_KILL_AFTER = "checkpoint-8"
+
+
+def lora_recipe(assets, output_dir, path):
+    """recipes/xlam_lora.yaml at the rank series' first point (sweeps/phase4_lora_ranks.yaml), scaled to the tiny model
+    and CPU: what changes is only what CPU and the tiny model need."""
+    recipe = yaml.safe_load((REPO / "recipes" / "xlam_lora.yaml").read_text())
+    first_point = yaml.safe_load((REPO / "sweeps" / "phase4_lora_ranks.yaml").read_text())["points"][0]
+    recipe.update(first_point)
+    recipe.pop("datasets")  # the hub mixture -> the local sample (its data transforms stay as the recipe sets them)
+    recipe.update(model_name_or_path=str(assets / "tiny-qwen2"), dataset_name=str(assets / "xlam_sample" / "train.jsonl"),
+                  output_dir=str(output_dir), dtype="float32", bf16=False, optim="adamw_torch", report_to=["none"],
+                  per_device_train_batch_size=2, gradient_accumulation_steps=1, max_length=512,
+                  dataloader_num_workers=0, dataset_num_proc=1)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def kill_tree(proc):
+    """SIGKILL a launched command and every process under it, by pid (torchrun's workers are its children)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(proc.pid)
+    except psutil.NoSuchProcess:
+        return
+    for process in parent.children(recursive=True) + [parent]:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+@pytest.fixture(scope="session")
+def lora_fsdp_runs(assets, tmp_path_factory):
+    """{"reference": output dir of an uninterrupted run, "resumed": output dir of a run SIGKILLed once checkpoint-8 (its
+    gathered adapter included) was on disk and then resumed with --resume_from_checkpoint true, "stderr": the resumed
+    launch's log}. 12 steps of 2 x 2 rows, a checkpoint every 4 steps."""
+    import time
+
+    root = tmp_path_factory.mktemp("lora_fsdp")
+    config = REPO / "accelerate_configs" / "cpu_fsdp_full.yaml"
+    reference = lora_recipe(assets, root / "reference", root / "reference.yaml")
+    run([ACCELERATE, "launch", "--config_file", config, "train_sft.py", reference, *LORA_RUN_ARGS])
+
+    interrupted = lora_recipe(assets, root / "resumed", root / "resumed.yaml")
+    cmd = [ACCELERATE, "launch", "--config_file", config, "train_sft.py", interrupted, *LORA_RUN_ARGS]
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # training_args.bin is the last file the gathered adapter's save writes into the checkpoint
+    written = root / "resumed" / LORA_KILL_AFTER / "training_args.bin"
+    deadline = time.time() + 300
+    while not written.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    kill_tree(proc)
+    assert written.exists(), "the run never wrote its checkpoint"
+    assert not (root / "resumed" / "adapter_model.safetensors").exists(), "the run finished before it was killed"
+    resumed = run([ACCELERATE, "launch", "--config_file", config, "train_sft.py", interrupted, *LORA_RUN_ARGS,
+                   "--resume_from_checkpoint", "true"])
+    return {"reference": root / "reference", "resumed": root / "resumed", "stderr": resumed.stderr}

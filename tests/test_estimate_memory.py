@@ -176,3 +176,46 @@ def test_states_equal_a_real_adamw_step(assets):
     assert result["parameters"] == nbytes(model.parameters())
     assert result["gradients"] == nbytes(p.grad for p in model.parameters())
     assert result["optimizer"] == nbytes(state)
+
+
+# --- long context: 8K / 16K and context parallelism ----------------------------------------------------------------
+
+
+def test_context_parallelism_divides_the_sequence_activations():
+    # cp devices share each sequence: activations are those of 1/cp of its tokens, with the mask dropped (plain causal
+    # attention, k/v at the kv heads, as with FlashAttention); states stay sharded over the whole world size
+    cp = em.estimate(QWEN3B, em.Setup(world_size=8, batch_size=1, seq_len=16384, cp_size=2))
+    half = em.estimate(QWEN3B, em.Setup(world_size=8, batch_size=1, seq_len=8192, attention="flash_attention_2"))
+    assert cp["activations"] == half["activations"]
+    assert (cp["parameters"], cp["gradients"], cp["optimizer"]) == (half["parameters"], half["gradients"], half["optimizer"])
+    s = em.shape_of(QWEN3B)
+    kv = s.d // s.heads * s.kv_heads
+    assert cp["temporary"] - half["temporary"] == 2 * 16384 * kv * 2  # one layer's all-gathered k and v (bf16)
+    quarter = em.estimate(QWEN3B, em.Setup(world_size=8, batch_size=1, seq_len=16384, cp_size=4))
+    assert quarter["activations"] == pytest.approx(cp["activations"] / 2)
+    for bad in (dict(cp_size=3), dict(cp_size=2, strategy="ddp"), dict(cp_size=2, padding_free=True),
+                dict(cp_size=2, attention="flash_attention_2")):
+        with pytest.raises(ValueError):
+            em.estimate(QWEN3B, em.Setup(world_size=8, batch_size=1, seq_len=16384, **bad))
+
+
+def test_long_context_recipes_fit_8_h100s_as_their_headers_say():
+    """Each long-context recipe's header quotes the estimate for its own batch, length, packing, checkpointing and
+    accumulation on 8 x H100."""
+    import yaml
+
+    def setup(recipe, **changes):
+        r = yaml.safe_load((REPO / "recipes" / recipe).read_text())
+        return em.Setup(world_size=8, batch_size=r["per_device_train_batch_size"], seq_len=r["max_length"],
+                        padding_free=r.get("packing", False), activation_checkpointing=r["activation_checkpointing"],
+                        gradient_accumulation_steps=r["gradient_accumulation_steps"], **changes)
+
+    for recipe, changes in (("xlam_8k.yaml", {}), ("xlam_16k.yaml", {}), ("xlam_16k_cp.yaml", {"cp_size": 2})):
+        result = em.estimate(QWEN3B, setup(recipe, **changes))
+        assert result["peak"] * 1.10 / em.GiB <= em.GPUS_GB["h100"]
+        assert f"Estimated peak per H100{':' if 'cp' not in recipe else ' for full 16,384-token rows:'} " \
+               f"{result['peak'] / em.GiB:.1f} GiB" in (REPO / "recipes" / recipe).read_text()
+    # without context parallelism the cp recipe's 16K tokens and activations do not fit one H100
+    alone = em.estimate(QWEN3B, setup("xlam_16k_cp.yaml"))
+    assert alone["peak"] * 1.10 / em.GiB > em.GPUS_GB["h100"]
+    assert f"{alone['peak'] / em.GiB:.1f} GiB without cp" in (REPO / "recipes" / "xlam_16k_cp.yaml").read_text()

@@ -14,11 +14,14 @@ from conftest import PYTHON, REPO, run
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
-def test_every_recipe_parses(recipe):
+def test_every_recipe_parses(recipe, monkeypatch):
     """Every shipped recipe names only real keys (the parser rejects unknown ones)."""
     import train_sft
 
-    # bf16 is validated against the hardware at parse time; the keys are what this test checks.
+    # bf16 and QLoRA's bitsandbytes/CUDA are checked against the machine at parse time; the keys are what this test
+    # checks (tests/test_lora_qlora.py tests those checks).
+    monkeypatch.setattr(train_sft, "launch_environment", lambda: dict(
+        fsdp=False, mixed_precision="no", bitsandbytes_installed=True, cuda_available=True))
     script_args, training_args, model_args = train_sft.parse_recipe([str(REPO / "recipes" / recipe), "--bf16", "false"])
     assert (script_args.dataset_name or script_args.datasets) and model_args.model_name_or_path
     assert training_args.output_dir.startswith("runs/")
