@@ -302,7 +302,6 @@ def bfcl_chat(entry, category, mode="fc"):
     return messages, None
 
 
-
 # --- The official harness's prompt text (--prompt-format bfcl) -------------------------------------------------------
 # The leaderboard does not render local models' prompts through their chat templates: each family's handler
 # (bfcl_eval/model_handler/local_inference/*.py, `_format_prompt`) writes the text by hand, from the function docs

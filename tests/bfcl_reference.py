@@ -29,9 +29,19 @@ class _StubModule(types.ModuleType):
         return mock.MagicMock(name=f"{self.__name__}.{name}")
 
 
+_LOADED = []  # the official modules are imported once per process: later calls get the same namespace
+
+
 def load_official_bfcl(project_root):
     """Returns a namespace with the official pieces: evaluate_ast, evaluate_relevance (the eval_runner per-entry
-    functions), the handlers' decoders, convert_to_tool and the default system prompt."""
+    functions), the handlers' decoders and prompts, convert_to_tool and the default system prompt. The first
+    call's project_root stays in effect (bfcl_eval reads BFCL_PROJECT_ROOT when it is imported)."""
+    if not _LOADED:
+        _LOADED.append(_load_official_bfcl(project_root))
+    return _LOADED[0]
+
+
+def _load_official_bfcl(project_root):
     os.environ["BFCL_PROJECT_ROOT"] = str(project_root)
     config = types.ModuleType("bfcl_eval.constants.model_config")
     config.MODEL_CONFIG_MAPPING = {MODEL_NAME: types.SimpleNamespace(underscore_to_dot=False)}

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ACCELERATE, PYTHON, REPO, run
+import eval_bfcl
+from conftest import ACCELERATE, REPO, run
 
 STEPS = [2, 4]  # evaluations (and sharded checkpoints) every 2 steps; early stopping ends the run at step 4
 BFCL_KEYS = ["--bfcl_eval_categories", "demo_simple,demo_parallel,demo_multiple", "--bfcl_eval_limit", "3",
@@ -69,13 +70,15 @@ def test_metrics_logged_at_each_evaluation(bfcl_run):
 
 @pytest.fixture(scope="module")
 def merged(bfcl_run, tmp_path_factory):
-    """Each checkpoint-N's sharded FSDP weights as a Hugging Face folder that eval_bfcl.py loads: the README's
-    `accelerate merge-weights`, plus the run's config and tokenizer files."""
+    """Each checkpoint-N's sharded FSDP weights as a Hugging Face folder that eval_bfcl.py loads: what the README's
+    `accelerate merge-weights` runs (accelerate's merge_fsdp_weights), plus the run's config and tokenizer files."""
+    from accelerate.utils import merge_fsdp_weights
+
     output_dir, _ = bfcl_run
     folders = {}
     for step in STEPS:
         folders[step] = tmp_path_factory.mktemp(f"merged-{step}")
-        run([ACCELERATE, "merge-weights", output_dir / f"checkpoint-{step}" / "pytorch_model_fsdp_0", folders[step]])
+        merge_fsdp_weights(output_dir / f"checkpoint-{step}" / "pytorch_model_fsdp_0", folders[step])
         for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                      "chat_template.jinja"):
             shutil.copy(output_dir / name, folders[step] / name)
@@ -92,9 +95,9 @@ def test_metric_equals_eval_bfcl_on_the_checkpoint_of_that_step(bfcl_run, merged
     answers = {}
     for step in STEPS:
         out = tmp_path / f"eval-{step}"
-        run([PYTHON, "eval_bfcl.py", "--model", merged[step], "--data-dir", assets / "bfcl_heldout", "--categories",
-             "demo_simple", "demo_parallel", "demo_multiple", "--limit", "3", "--max-new-tokens", "16",
-             "--batch-size", "2", "--output-dir", out])
+        eval_bfcl.main(["--model", str(merged[step]), "--data-dir", str(assets / "bfcl_heldout"), "--categories",
+                        "demo_simple", "demo_parallel", "demo_multiple", "--limit", "3", "--max-new-tokens", "16",
+                        "--batch-size", "2", "--output-dir", str(out)])
         summary = json.loads((out / "summary.json").read_text())
         for category, score in summary["categories"].items():
             assert logs[step][f"eval_bfcl/{category}"] == score["accuracy"], (step, category)
