@@ -26,7 +26,7 @@ demo: assets
 	$(ACCELERATE) launch --config_file accelerate_configs/cpu_fsdp_full.yaml train_sft.py recipes/demo_cpu.yaml
 	$(PY) eval_bfcl.py --model demo_assets/tiny-qwen2 --data-dir demo_assets/bfcl_heldout --categories all --max-new-tokens 64 --overwrite --output-dir runs/demo_eval/before
 	$(PY) eval_bfcl.py --model runs/demo_cpu --data-dir demo_assets/bfcl_heldout --categories all --max-new-tokens 64 --overwrite --output-dir runs/demo_eval/after
-	$(PY) eval_bfcl.py compare runs/demo_eval/before runs/demo_eval/after
+	$(PY) eval_bfcl.py compare runs/demo_eval/before runs/demo_eval/after --plot runs/demo_eval/compare.png
 
 test: setup
 	$(PY) -m pytest -q tests

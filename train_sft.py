@@ -5,6 +5,7 @@
     accelerate launch ... train_sft.py RECIPE.yaml --learning_rate 1e-5 # flags override the recipe
 
 The recipe is a YAML file of SFTConfig / ModelConfig / ScriptArguments keys; an unknown key is an error.
+With `bfcl_eval_dir`, every evaluation also generates on a BFCL-format split and logs eval_bfcl/* (bfcl_train_eval.py).
 """
 
 import difflib
@@ -51,6 +52,14 @@ class ScriptArguments:
     epoch_checkpoints: bool = field(default=False, metadata={"help": "Save a HF checkpoint per epoch in output_dir/checkpoints/epN."})
     hub_push_epochs: str | None = field(default=None, metadata={"help": "Push each epoch: 'branch', 'repo' or 'both'."})
     save_final_model: bool = field(default=True, metadata={"help": "Gather and save the final model (benchmarks turn it off)."})
+    bfcl_eval_dir: str | None = field(default=None, metadata={"help": "BFCL-format split (BFCL_v4_<category>.json + possible_answer/) answered and scored at every evaluation: eval_bfcl/* metrics."})
+    bfcl_eval_categories: str = field(default="all", metadata={"help": "Comma-separated categories or groups of bfcl_eval_dir (eval_bfcl.py --categories)."})
+    bfcl_eval_limit: int | None = field(default=None, metadata={"help": "Only the first N entries of each category."})
+    bfcl_eval_prompt_format: str = field(default="bfcl", metadata={"help": "bfcl (the official harness's prompts) or chat_template (eval_bfcl.py --prompt-format)."})
+    bfcl_eval_max_new_tokens: int = field(default=256, metadata={"help": "Tokens generated per answer at most."})
+    bfcl_eval_batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call on each rank."})
+    early_stopping_patience: int | None = field(default=None, metadata={"help": "Stop after N evaluations without improving metric_for_best_model (EarlyStoppingCallback)."})
+    early_stopping_threshold: float = field(default=0.0, metadata={"help": "How much metric_for_best_model must improve to count."})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,12 +122,42 @@ def parse_recipe(argv):
     training_data.source_configs(script_args, recipe)  # dataset keys are checked before any data or model is loaded
     if not model_args.model_name_or_path:
         sys.exit(f"train_sft.py: the recipe {recipe} must set model_name_or_path")
+    check_evaluation_keys(script_args, training_args, recipe)
     problem = context_parallel_problem(training_args, model_args, recipe,
                                        int(os.environ.get("PARALLELISM_CONFIG_CP_SIZE", "1")))
     if problem:
         sys.exit(f"train_sft.py: {problem}")
     script_args.recipe = recipe
     return script_args, training_args, model_args
+
+
+def check_evaluation_keys(script_args, training_args, recipe):
+    """The BFCL eval and early stopping ride on the Trainer's evaluations: say what is missing before any loading."""
+    problems = []
+    bfcl_metric = (training_args.metric_for_best_model or "").removeprefix("eval_").startswith("bfcl/")
+    if script_args.bfcl_eval_dir:
+        if not Path(script_args.bfcl_eval_dir).is_dir():
+            problems.append(f"bfcl_eval_dir {script_args.bfcl_eval_dir} is not a folder")
+        else:
+            from eval_bfcl import resolve_categories
+
+            try:
+                resolve_categories(script_args.bfcl_eval_categories.split(","), script_args.bfcl_eval_dir)
+            except SystemExit as err:  # its message names the category and what the folder has
+                problems.append(f"bfcl_eval_categories: {err}")
+        if script_args.bfcl_eval_prompt_format not in ("bfcl", "chat_template"):
+            problems.append(f"bfcl_eval_prompt_format '{script_args.bfcl_eval_prompt_format}' is not bfcl or chat_template")
+        if training_args.eval_strategy == "no":
+            problems.append("bfcl_eval_dir is answered at every evaluation: set eval_strategy (steps or epoch) and eval_steps")
+        if not script_args.eval_split_size:
+            problems.append("bfcl_eval_dir needs the Trainer to evaluate, and the Trainer evaluates only with an eval "
+                            "dataset: set eval_split_size (e.g. 200)")
+    elif bfcl_metric:
+        problems.append(f"metric_for_best_model {training_args.metric_for_best_model} needs bfcl_eval_dir")
+    if script_args.early_stopping_patience is not None and not training_args.metric_for_best_model:
+        problems.append("early_stopping_patience needs metric_for_best_model (e.g. eval_bfcl/overall)")
+    if problems:
+        sys.exit(f"train_sft.py: {recipe}: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,7 +446,12 @@ def main(script_args, training_args, model_args):
     if quantization_config is not None:
         training_args.model_init_kwargs["quantization_config"] = quantization_config
 
-    trainer = SFTTrainer(
+    trainer_class = SFTTrainer
+    if script_args.bfcl_eval_dir:
+        from bfcl_train_eval import with_bfcl_eval
+
+        trainer_class = with_bfcl_eval(SFTTrainer)
+    trainer = trainer_class(
         model=model_args.model_name_or_path,
         args=training_args,
         train_dataset=train_dataset,
@@ -431,6 +475,20 @@ def main(script_args, training_args, model_args):
     adapter_under_fsdp = trainer.is_fsdp_enabled and model_args.use_peft
     if adapter_under_fsdp:
         trainer.add_callback(make_adapter_checkpoint_callback(trainer))
+    if script_args.bfcl_eval_dir:
+        from bfcl_train_eval import BFCLEvaluator
+
+        trainer.bfcl_evaluator = BFCLEvaluator(script_args, model_args.model_name_or_path,
+                                               trainer.model.config.model_type, trainer.processing_class)
+        logger.warning("bfcl eval: %d prompts of %s (%s prompt format) at every evaluation",
+                       len(trainer.bfcl_evaluator.work), script_args.bfcl_eval_dir,
+                       trainer.bfcl_evaluator.prompt_format["prompt_format"])
+        if trainer.bfcl_evaluator.prompt_format["fallback"]:
+            logger.warning("bfcl eval: %s", trainer.bfcl_evaluator.prompt_format["fallback"])
+    if script_args.early_stopping_patience is not None:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(script_args.early_stopping_patience, script_args.early_stopping_threshold))
     if script_args.epoch_checkpoints or script_args.hub_push_epochs:
         from epoch_checkpoints import EpochCheckpointCallback
 

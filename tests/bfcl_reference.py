@@ -29,9 +29,19 @@ class _StubModule(types.ModuleType):
         return mock.MagicMock(name=f"{self.__name__}.{name}")
 
 
+_LOADED = []  # the official modules are imported once per process: later calls get the same namespace
+
+
 def load_official_bfcl(project_root):
     """Returns a namespace with the official pieces: evaluate_ast, evaluate_relevance (the eval_runner per-entry
-    functions), the handlers' decoders, convert_to_tool and the default system prompt."""
+    functions), the handlers' decoders and prompts, convert_to_tool and the default system prompt. The first
+    call's project_root stays in effect (bfcl_eval reads BFCL_PROJECT_ROOT when it is imported)."""
+    if not _LOADED:
+        _LOADED.append(_load_official_bfcl(project_root))
+    return _LOADED[0]
+
+
+def _load_official_bfcl(project_root):
     os.environ["BFCL_PROJECT_ROOT"] = str(project_root)
     config = types.ModuleType("bfcl_eval.constants.model_config")
     config.MODEL_CONFIG_MAPPING = {MODEL_NAME: types.SimpleNamespace(underscore_to_dot=False)}
@@ -90,8 +100,38 @@ def load_official_bfcl(project_root):
             return {"crash": f"{type(err).__name__}: {err}"}
         return {"valid": result["valid"], "error_type": result.get("error_type")}
 
+    class _RecordingClient:
+        """Stands in for the OpenAI client of the local vLLM/SGLang server: records the prompt it is sent."""
+
+        def __init__(self):
+            self.prompts = []
+            self.completions = self
+
+        def create(self, prompt, **kwargs):
+            self.prompts.append(prompt)
+            usage = types.SimpleNamespace(prompt_tokens=0, completion_tokens=0)
+            return types.SimpleNamespace(choices=[types.SimpleNamespace(text="")], usage=usage)
+
+    def official_prompts(handler_name, category):
+        """{id: prompt} as the official harness sends it to the model server for every entry of `category`: the
+        entries loaded by bfcl_eval.utils.load_dataset_entry (language hints included), then the handler's real
+        single-turn inference path (inference_single_turn_prompting), with only the network call replaced."""
+        module, cls = {"qwen_fc": ("qwen_fc", "QwenFCHandler"), "qwen": ("qwen", "QwenHandler")}[handler_name]
+        handler_class = getattr(importlib.import_module(f"bfcl_eval.model_handler.local_inference.{module}"), cls)
+        handler = handler_class(model_name="Qwen/Qwen3-8B", temperature=0.001, registry_name="Qwen/Qwen3-8B",
+                                is_fc_model=handler_name.endswith("_fc"))
+        handler.client = _RecordingClient()
+        handler.tokenizer = types.SimpleNamespace(tokenize=lambda text: [])
+        handler.max_context_length, handler.model_path_or_id = 32768, "Qwen/Qwen3-8B"
+        prompts = {}
+        for entry in bfcl_utils.load_dataset_entry(category):
+            handler.inference_single_turn_prompting(entry, include_input_log=False)
+            prompts[entry["id"]] = handler.client.prompts[-1]
+        return prompts
+
     return types.SimpleNamespace(
         evaluate=evaluate,
+        official_prompts=official_prompts,
         stubbed=stubbed,
         convert_to_tool=handler_utils.convert_to_tool,
         language_hints=bfcl_utils._func_doc_language_specific_pre_processing,

@@ -103,10 +103,29 @@ def test_demo_heldout_split_and_compare(bfcl_demo_assets, tmp_path):
     run("eval_bfcl.py", "score", "--result-dir", after)
     assert json.loads((after / "summary.json").read_text())["categories"]["demo_simple"]["accuracy"] == 1.0
 
-    table = run("eval_bfcl.py", "compare", before, after).stdout
+    plot = tmp_path / "compare.png"
+    table = run("eval_bfcl.py", "compare", before, after, "--plot", plot).stdout
     demo_simple_row = next(line for line in table.splitlines() if line.startswith("| demo_simple "))
     assert demo_simple_row.split("|")[2:5] == [" 0.00 ", " 100.00 ", " +100.00 "]
     assert "overall (custom)" in table and "simple_python" not in table and "out of scope" in table
+    # Error analysis: every step of demo_simple went from 0 to 100%; the error types the correct answers removed.
+    for step in ("decodes as calls", "right function(s)", "right arguments"):
+        assert f"| demo_simple | {step} | 0.00 | 100.00 | +100.00 |" in table
+    assert f"Prompt format: {before}: bfcl, {after}: bfcl" in table
+    assert "| demo_simple | simple_function_checker:wrong_count | 10 | 0 |" in table
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+    # A run prompted through the chat template is not compared silently with a `bfcl` one.
+    other = tmp_path / "chat_template"
+    other.mkdir()
+    for path in after.glob("BFCL_v4_*_result.json"):
+        (other / path.name).write_text(path.read_text())
+    generation = json.loads((after / "generation.json").read_text())
+    (other / "generation.json").write_text(json.dumps({**generation, "prompt_format": "chat_template"}))
+    run("eval_bfcl.py", "score", "--result-dir", other)
+    proc = run("eval_bfcl.py", "compare", before, other, check=False)
+    assert proc.returncode != 0 and "prompted differently" in proc.stderr and "chat_template" in proc.stderr
+    assert f"{other}: chat_template" in run("eval_bfcl.py", "compare", before, other, "--mixed-formats").stdout
 
 
 def test_interrupted_run_resumes_missing_ids_only(bfcl_demo_assets, tmp_path):
@@ -196,7 +215,7 @@ def test_score_bfcl_layout_without_model(tmp_path):
         json.dumps({"id": "irrelevance_0", "result": "No function fits."}) + "\n"
         + json.dumps({"id": "irrelevance_1", "result": qwen_call("f", {})}) + "\n")
     out = tmp_path / "score"
-    run("eval_bfcl.py", "score", "--result-dir", tmp_path / "result", "--output-dir", out)
+    run("eval_bfcl.py", "score", "--result-dir", tmp_path / "result", "--output-dir", out, "--prompt-format", "bfcl")
     scores = read_jsonl(out / "BFCL_v4_simple_python_score.json")
     assert [s["valid"] for s in scores] == [True] * 6 + [False] * 4
     assert scores[6]["error_type"] == "simple_function_checker:wrong_func_name"
@@ -204,11 +223,19 @@ def test_score_bfcl_layout_without_model(tmp_path):
     assert scores[8]["error_type"] == "simple_function_checker:wrong_count"  # unparsable blocks are skipped
     assert all(s["error"] for s in scores[6:])
     summary = json.loads((out / "summary.json").read_text())
+    # Decoded as calls: all but the non-text and the broken block (8/10); right function: the 6 correct ones.
     assert summary["categories"]["simple_python"] == {"accuracy": 0.6, "correct": 6, "total": 10, "expected": 400,
         "error_types": {"simple_function_checker:wrong_func_name": 2, "ast_decoder:decoder_failed": 1,
-                        "simple_function_checker:wrong_count": 1}}
+                        "simple_function_checker:wrong_count": 1},
+        "rates": {"decodes_as_calls": 0.8, "right_functions": 0.6, "correct": 0.6}}
+    assert [s["decodes_as_calls"] for s in scores] == [True] * 7 + [False, False, True]
     assert summary["categories"]["irrelevance"]["accuracy"] == 0.5
+    assert summary["categories"]["irrelevance"]["rates"] == {"decodes_as_calls": 0.5, "right_functions": None, "correct": 0.5}
     assert summary["generation"] is None and summary["decoder"] == "qwen"
+    assert summary["prompt_format"]["prompt_format"] == "bfcl"  # declared with --prompt-format for foreign files
+    markdown = (out / "summary.md").read_text()
+    assert "| simple_python | 80.00 | 60.00 | 60.00 | simple_function_checker:wrong_func_name 2, " in markdown
+    assert "| irrelevance | 50.00 |  | 50.00 | irrelevance_error:decoder_success 1 |" in markdown
 
 
 def test_clear_errors(tmp_path):
@@ -244,3 +271,44 @@ def test_aggregates_match_hand_computed_numbers():
     assert partial["Simple AST"] == {**partial["Simple AST"], "accuracy": None, "status": "incomplete (missing simple_java, simple_javascript)"}
     assert partial["Non-Live AST"]["accuracy"] is None and partial["Irrelevance"]["status"] == "not run"
     assert partial["Live AST"]["status"].startswith("incomplete") and "overall (custom)" not in partial
+
+
+# --- Error analysis ------------------------------------------------------------------------------------------------
+
+
+def test_call_outcome_hand_worked_cases():
+    """decodes as calls -> right function(s) -> right arguments, on cases worked out by hand."""
+    from bfcl_scorer import call_outcome, score_bfcl_entry
+
+    weather = {"name": "weather", "parameters": {"type": "dict", "required": ["city"],
+                                                 "properties": {"city": {"type": "string"}}}}
+    time_ = {"name": "time", "parameters": {"type": "dict", "required": ["zone"],
+                                            "properties": {"zone": {"type": "string"}}}}
+    entry = {"function": [weather, time_]}
+    parallel_truth = [{"weather": {"city": ["Oslo"]}}, {"time": {"zone": ["CET"]}}]
+
+    def outcome(output, category, truth):
+        verdict = score_bfcl_entry(entry, output, category, ground_truth=truth)
+        result = call_outcome(verdict, category, truth)
+        return result["decodes_as_calls"], result["right_functions"], result["correct"], verdict.get("error_type")
+
+    oslo, cet = qwen_call("weather", {"city": "Oslo"}), qwen_call("time", {"zone": "CET"})
+    simple_truth = [{"weather": {"city": ["Oslo"]}}]
+    assert outcome(oslo, "simple_python", simple_truth) == (True, True, True, None)
+    assert outcome(qwen_call("weather", {"city": "Bergen"}), "simple_python", simple_truth) == \
+        (True, True, False, "value_error:string")
+    assert outcome(cet, "simple_python", simple_truth) == (True, False, False, "simple_function_checker:wrong_func_name")
+    assert outcome("It is sunny.", "simple_python", simple_truth) == (False, False, False, "simple_function_checker:wrong_count")
+    assert outcome("<tool_call>\n[1]\n</tool_call>", "simple_python", simple_truth) == \
+        (False, False, False, "ast_decoder:decoder_failed")
+    # Parallel: the same functions in another order are the right ones; one missing is not.
+    assert outcome(cet + "\n" + oslo, "parallel", parallel_truth) == (True, True, True, None)
+    assert outcome(qwen_call("time", {"zone": "UTC"}) + "\n" + oslo, "parallel", parallel_truth) == \
+        (True, True, False, "parallel_function_checker_no_order:cannot_find_match")
+    assert outcome(oslo, "parallel", parallel_truth) == \
+        (True, False, False, "parallel_function_checker_no_order:wrong_count")
+    assert outcome(oslo + "\n" + oslo, "parallel", parallel_truth) == \
+        (True, False, False, "parallel_function_checker_no_order:cannot_find_match")
+    # Relevance categories: no function step; a decoded call is the mistake in irrelevance.
+    assert outcome(oslo, "irrelevance", None) == (True, None, False, "irrelevance_error:decoder_success")
+    assert outcome("None of these fit.", "live_relevance", None) == (False, None, False, "relevance_error:decoder_failed")
