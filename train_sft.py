@@ -7,6 +7,7 @@
 The recipe is a YAML file of SFTConfig / ModelConfig / ScriptArguments keys; an unknown key is an error.
 """
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import cpu_fsdp
 import function_calling
+import step_profile
 
 logger = logging.getLogger("train_sft")
 
@@ -40,6 +42,8 @@ class ScriptArguments:
     epoch_checkpoints: bool = field(default=False, metadata={"help": "Save a HF checkpoint per epoch in output_dir/checkpoints/epN."})
     hub_push_epochs: str | None = field(default=None, metadata={"help": "Push each epoch: 'branch', 'repo' or 'both'."})
     save_final_model: bool = field(default=True, metadata={"help": "Gather and save the final model (benchmarks turn it off)."})
+    profile_steps: str | None = field(default=None, metadata={"help": "Record a torch.profiler trace of optimizer steps A-B "
+                                                                      "into output_dir/profile and print where their time went."})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,23 +63,38 @@ def parse_recipe(argv):
     script_args, training_args, model_args, unknown_in_recipe, unknown_flags = parser.parse_args_and_config(
         argv, return_remaining_strings=True, separate_remaining_strings=True
     )
-    known = {a.dest for a in parser._actions}
     problems = [f"unknown key '{k.lstrip('-')}' in {recipe}" for k in unknown_in_recipe if k.startswith("--")]
     problems += [f"unknown command-line flag '{k}'" for k in unknown_flags if k.startswith("-")]
     if problems:
-        hints = []
-        for item in unknown_in_recipe + unknown_flags:
-            close = difflib.get_close_matches(item.lstrip("-").split("=")[0], known, n=1)
-            if item.startswith("-") and close:
-                hints.append(f"'{item.lstrip('-')}' -> did you mean '{close[0]}'?")
-        sys.exit("train_sft.py: " + "; ".join(problems) + ("\n  " + "\n  ".join(hints) if hints else ""))
+        given = [item.lstrip("-").split("=")[0] for item in unknown_in_recipe + unknown_flags if item.startswith("-")]
+        sys.exit("train_sft.py: " + "; ".join(problems) + did_you_mean(given))
     if not script_args.dataset_name:
         sys.exit(f"train_sft.py: the recipe {recipe} must set dataset_name")
     if script_args.dataset_format not in DATA_FORMATS:
         sys.exit(f"train_sft.py: dataset_format '{script_args.dataset_format}' in {recipe} is not one of {DATA_FORMATS}")
     if not model_args.model_name_or_path:
         sys.exit(f"train_sft.py: the recipe {recipe} must set model_name_or_path")
+    if script_args.profile_steps is not None:
+        try:
+            step_profile.parse_steps(script_args.profile_steps)
+        except ValueError as err:
+            sys.exit(f"train_sft.py: {recipe}: {err}")
     return script_args, training_args, model_args
+
+
+def recipe_keys():
+    """Every key a recipe (or a command-line flag) may set."""
+    from trl import ModelConfig, SFTConfig
+
+    return {f.name for args in (ScriptArguments, SFTConfig, ModelConfig) for f in dataclasses.fields(args)}
+
+
+def did_you_mean(unknown, known=None):
+    """Hint lines for unknown keys: the closest valid name of each, where there is one."""
+    known = recipe_keys() if known is None else known
+    hints = [f"'{key}' -> did you mean '{close[0]}'?" for key in unknown
+             if (close := difflib.get_close_matches(key, known, n=1))]
+    return "\n  " + "\n  ".join(hints) if hints else ""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,7 +188,28 @@ def sharding_report(model):
     return report
 
 
-def make_report_callback(accelerator, output_dir):
+def attention_span(dataset, max_length):
+    """Token-weighted mean length of the training rows (each packed row counted as its parts), capped at max_length:
+    the tokens an average trained token attends over, the s of MFU's 6N + 12*L*d*s FLOPs per token."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    column = "seq_lengths" if "seq_lengths" in dataset.column_names else "input_ids"
+    values = dataset.with_format("arrow")[column]
+    lengths = pc.list_flatten(values) if column == "seq_lengths" else pc.list_value_length(values)
+    lengths = np.asarray(lengths, dtype=np.float64)
+    if max_length:
+        lengths = np.minimum(lengths, max_length)
+    return round(float((lengths**2).sum() / lengths.sum()), 1) if lengths.sum() else None
+
+
+def run_settings(script_args, training_args, model_args):
+    """Every argument of the run, JSON-safe: what `sweep.py report` compares between runs."""
+    values = {**dataclasses.asdict(script_args), **dataclasses.asdict(model_args), **training_args.to_dict()}
+    return json.loads(json.dumps(values, default=str))
+
+
+def make_report_callback(accelerator, output_dir, run_info):
     from transformers import TrainerCallback
 
     class RunReportCallback(TrainerCallback):
@@ -182,6 +222,7 @@ def make_report_callback(accelerator, output_dir):
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             self.sharding = sharding_report(model)
+            self.model_config = json.loads(model.config.to_json_string()) if hasattr(model, "config") else None
             self.started = time.perf_counter()
             # The dtype the first decoder layer computes in (bf16 under mixed precision while the masters stay fp32)
             layer = next((m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")), None)
@@ -218,6 +259,12 @@ def make_report_callback(accelerator, output_dir):
                     "distributed_type": str(accelerator.distributed_type),
                     "fsdp_version": getattr(getattr(accelerator.state, "fsdp_plugin", None), "fsdp_version", None),
                     "num_processes": accelerator.num_processes,
+                    "device": torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else accelerator.device.type,
+                    "mixed_precision": accelerator.mixed_precision,
+                    # the accelerate config as the launcher passed it (FSDP strategy, activation checkpointing, ...)
+                    "launch": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("FSDP_", "ACCELERATE_MIXED_PRECISION"))},
+                    "model_config": self.model_config,
+                    **run_info,
                     "sharding": self.sharding,
                     "peak_memory_per_rank": [dict(zip(memory, row)) for row in per_rank],
                     "train_seconds": round(time.perf_counter() - self.started, 2),
@@ -308,7 +355,12 @@ def main(script_args, training_args, model_args):
         if trainer.accelerator.is_main_process:
             show_examples(trainer, script_args.show_examples)
         return
-    trainer.callback_handler.callbacks.insert(0, make_report_callback(trainer.accelerator, training_args.output_dir))
+    run_info = {"settings": run_settings(script_args, training_args, model_args),
+                "attention_span": attention_span(trainer.train_dataset, training_args.max_length)}
+    trainer.callback_handler.callbacks.insert(0, make_report_callback(trainer.accelerator, training_args.output_dir, run_info))
+    if script_args.profile_steps:
+        trainer.add_callback(step_profile.make_profile_callback(trainer.accelerator, training_args.output_dir,
+                                                                script_args.profile_steps))
     if script_args.epoch_checkpoints or script_args.hub_push_epochs:
         from epoch_checkpoints import EpochCheckpointCallback
 
