@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 BFCL_EVAL := bfcl-eval==2026.3.23
 
-.PHONY: setup demo test test-gpu wheels wheel-list wheels-gpu assets bench clean
+.PHONY: setup demo sweep-demo test test-gpu wheels wheel-list wheels-gpu assets bench clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ demo: assets
 	$(PY) eval_bfcl.py --model demo_assets/tiny-qwen2 --data-dir demo_assets/bfcl_heldout --categories all --max-new-tokens 64 --overwrite --output-dir runs/demo_eval/before
 	$(PY) eval_bfcl.py --model runs/demo_cpu --data-dir demo_assets/bfcl_heldout --categories all --max-new-tokens 64 --overwrite --output-dir runs/demo_eval/after
 	$(PY) eval_bfcl.py compare runs/demo_eval/before runs/demo_eval/after --plot runs/demo_eval/compare.png
+
+# The study's sweep runner on the offline default: a baseline and two learning rates of the tiny model, scored on a few
+# BFCL prompts, into runs/sweeps/demo_cpu/ (results.md, results.csv, plots). Run again, it skips what is done.
+sweep-demo: assets
+	$(PY) sweep.py sweeps/demo_cpu.yaml
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -364,20 +364,32 @@ def launch(config_path, recipe_path, log_path, timeout):
 
 
 def measure(summary, warmup_steps):
-    """Real-token throughput over the steps after warm-up, from the per-step logs of RunReportCallback."""
-    logs = [log for log in summary["log_history"] if "tokens_per_second_per_device" in log and log["step"] > warmup_steps]
-    by_step = {log["step"]: log for log in summary["log_history"] if "num_tokens" in log}
-    tokens, seconds = 0.0, 0.0
-    for log in logs:
-        delta = log["num_tokens"] - by_step[log["step"] - 1]["num_tokens"]
+    """Real-token throughput over the steps after warm-up, from the logs of RunReportCallback (each log's rate covers
+    the steps since the previous log, so any logging_steps works)."""
+    logged = [log for log in summary["log_history"] if "num_tokens" in log]
+    tokens, seconds, steps = 0.0, 0.0, 0
+    for previous, log in zip(logged, logged[1:]):
+        if "tokens_per_second_per_device" not in log or log["step"] <= warmup_steps:
+            continue
+        delta = log["num_tokens"] - previous["num_tokens"]
         tokens += delta
         seconds += delta / (log["tokens_per_second_per_device"] * summary["num_processes"])
+        steps += log["step"] - previous["step"]
     losses = [log["loss"] for log in summary["log_history"] if "loss" in log]
     per_device = tokens / summary["num_processes"]
-    return {"steps_measured": len(logs), "step_seconds": seconds / max(len(logs), 1),
-            "real_tokens_per_step_per_device": per_device / max(len(logs), 1),
+    return {"steps_measured": steps, "step_seconds": seconds / max(steps, 1),
+            "real_tokens_per_step_per_device": per_device / max(steps, 1),
             "real_tokens_per_second_per_device": per_device / seconds if seconds else 0.0,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+
+
+def peak_memory(summary):
+    """(peak GB, reserved GB or None, what was measured): the largest over ranks, in GB (1e9 bytes)."""
+    ranks = summary["peak_memory_per_rank"]
+    if "peak_allocated_gb" in ranks[0]:
+        return (max(r["peak_allocated_gb"] for r in ranks) * GiB / 1e9, max(r["peak_reserved_gb"] for r in ranks) * GiB / 1e9,
+                "max_memory_allocated")
+    return max(r["peak_rss_gb"] for r in ranks) * GiB / 1e9, None, "peak RSS"
 
 
 def run_setting(setting, ctx):
@@ -419,15 +431,12 @@ def run_setting(setting, ctx):
     row["mfu_percent"] = 100 * row["real_tokens_per_second_per_device"] * flops / (ctx["peak_tflops"] * 1e12)
 
     # Measured peak memory (max over ranks) and the estimator's prediction for the largest micro-batch of the run
-    ranks = summary["peak_memory_per_rank"]
-    if "peak_allocated_gb" in ranks[0]:
-        row["peak_memory_gb"] = max(r["peak_allocated_gb"] for r in ranks) * GiB / 1e9
-        row["peak_reserved_gb"] = max(r["peak_reserved_gb"] for r in ranks) * GiB / 1e9
-        row["memory_measure"] = "max_memory_allocated"
+    row["peak_memory_gb"], reserved, row["memory_measure"] = peak_memory(summary)
+    if reserved is not None:
+        row["peak_reserved_gb"] = reserved
         runtime = 0.0
     else:
-        row["peak_memory_gb"] = max(r["peak_rss_gb"] for r in ranks) * GiB / 1e9
-        row["memory_measure"] = f"peak RSS (estimate + {ctx['runtime_rss_gb']:.2f} GB runtime)"
+        row["memory_measure"] += f" (estimate + {ctx['runtime_rss_gb']:.2f} GB runtime)"
         runtime = ctx["runtime_rss_gb"] * GiB
     estimate = estimate_run(ctx["config"], knobs, setting.strategy, ctx["lengths"], ctx["data"]["assistant_token_fraction"],
                             args.warmup_steps + args.steps, args.num_processes, ctx["on_gpu"])

@@ -8,6 +8,7 @@ The recipe is a YAML file of SFTConfig / ModelConfig / ScriptArguments keys; an 
 With `bfcl_eval_dir`, every evaluation also generates on a BFCL-format split and logs eval_bfcl/* (bfcl_train_eval.py).
 """
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cpu_fsdp
+import step_profile
 import training_data
 from training_data import FORMATS, SourceConfig
 
@@ -60,6 +62,8 @@ class ScriptArguments:
     bfcl_eval_batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call on each rank."})
     early_stopping_patience: int | None = field(default=None, metadata={"help": "Stop after N evaluations without improving metric_for_best_model (EarlyStoppingCallback)."})
     early_stopping_threshold: float = field(default=0.0, metadata={"help": "How much metric_for_best_model must improve to count."})
+    profile_steps: str | None = field(default=None, metadata={"help": "Record a torch.profiler trace of optimizer steps A-B "
+                                                                      "into output_dir/profile and print where their time went."})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,6 +131,11 @@ def parse_recipe(argv):
                                        int(os.environ.get("PARALLELISM_CONFIG_CP_SIZE", "1")))
     if problem:
         sys.exit(f"train_sft.py: {problem}")
+    if script_args.profile_steps is not None:
+        try:
+            step_profile.parse_steps(script_args.profile_steps)
+        except ValueError as err:
+            sys.exit(f"train_sft.py: {recipe}: {err}")
     script_args.recipe = recipe
     return script_args, training_args, model_args
 
@@ -158,6 +167,21 @@ def check_evaluation_keys(script_args, training_args, recipe):
         problems.append("early_stopping_patience needs metric_for_best_model (e.g. eval_bfcl/overall)")
     if problems:
         sys.exit(f"train_sft.py: {recipe}: " + "; ".join(problems))
+
+
+def recipe_keys():
+    """Every key a recipe (or a command-line flag) may set."""
+    from trl import ModelConfig, SFTConfig
+
+    return {f.name for args in (ScriptArguments, SFTConfig, ModelConfig) for f in dataclasses.fields(args)}
+
+
+def did_you_mean(unknown, known=None):
+    """Hint lines for unknown keys: the closest valid name of each, where there is one."""
+    known = recipe_keys() if known is None else known
+    hints = [f"'{key}' -> did you mean '{close[0]}'?" for key in unknown
+             if (close := difflib.get_close_matches(key, known, n=1))]
+    return "\n  " + "\n  ".join(hints) if hints else ""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,6 +297,27 @@ def device_name():
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()})"
 
 
+def attention_span(dataset, max_length):
+    """Token-weighted mean length of the training rows (each packed row counted as its parts), capped at max_length:
+    the tokens an average trained token attends over, the s of MFU's 6N + 12*L*d*s FLOPs per token."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    column = "seq_lengths" if "seq_lengths" in dataset.column_names else "input_ids"
+    values = dataset.with_format("arrow")[column]
+    lengths = pc.list_flatten(values) if column == "seq_lengths" else pc.list_value_length(values)
+    lengths = np.asarray(lengths, dtype=np.float64)
+    if max_length:
+        lengths = np.minimum(lengths, max_length)
+    return round(float((lengths**2).sum() / lengths.sum()), 1) if lengths.sum() else None
+
+
+def run_settings(script_args, training_args, model_args):
+    """Every argument of the run, JSON-safe: what `sweep.py report` compares between runs."""
+    values = {**dataclasses.asdict(script_args), **dataclasses.asdict(model_args), **training_args.to_dict()}
+    return json.loads(json.dumps(values, default=str))
+
+
 def make_report_callback(accelerator, output_dir, run_info=None):
     from transformers import TrainerCallback
 
@@ -286,6 +331,7 @@ def make_report_callback(accelerator, output_dir, run_info=None):
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             self.sharding = sharding_report(model)
+            self.model_config = json.loads(model.config.to_json_string()) if hasattr(model, "config") else None
             self.started = time.perf_counter()
             # The dtype the first decoder layer computes in (bf16 under mixed precision while the masters stay fp32)
             layer = next((m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")), None)
@@ -319,10 +365,15 @@ def make_report_callback(accelerator, output_dir, run_info=None):
             per_rank = accelerator.gather(torch.tensor([list(memory.values())], device=accelerator.device)).tolist()
             if accelerator.is_main_process:
                 summary = {
-                    **(run_info or {}),
                     "distributed_type": str(accelerator.distributed_type),
                     "fsdp_version": getattr(getattr(accelerator.state, "fsdp_plugin", None), "fsdp_version", None),
                     "num_processes": accelerator.num_processes,
+                    "device": torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else accelerator.device.type,
+                    "mixed_precision": accelerator.mixed_precision,
+                    # the accelerate config as the launcher passed it (FSDP strategy, activation checkpointing, ...)
+                    "launch": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("FSDP_", "ACCELERATE_MIXED_PRECISION"))},
+                    "model_config": self.model_config,
+                    **(run_info or {}),
                     "sharding": self.sharding,
                     "peak_memory_per_rank": [dict(zip(memory, row)) for row in per_rank],
                     "train_seconds": round(time.perf_counter() - self.started, 2),
@@ -468,6 +519,8 @@ def main(script_args, training_args, model_args):
         "model_name_or_path": model_args.model_name_or_path, "use_peft": bool(model_args.use_peft),
         "data": training_data.report_for_summary(data_report),  # rows per source: read, malformed, decontaminated, taken
         "device": device_name(),
+        "settings": run_settings(script_args, training_args, model_args),  # what `sweep.py report` compares
+        "attention_span": attention_span(trainer.train_dataset, training_args.max_length),
     }
     if run_info["recipe"]:
         run_info["recipe_text"] = Path(run_info["recipe"]).read_text()
@@ -489,6 +542,9 @@ def main(script_args, training_args, model_args):
         from transformers import EarlyStoppingCallback
 
         trainer.add_callback(EarlyStoppingCallback(script_args.early_stopping_patience, script_args.early_stopping_threshold))
+    if script_args.profile_steps:
+        trainer.add_callback(step_profile.make_profile_callback(trainer.accelerator, training_args.output_dir,
+                                                                script_args.profile_steps))
     if script_args.epoch_checkpoints or script_args.hub_push_epochs:
         from epoch_checkpoints import EpochCheckpointCallback
 

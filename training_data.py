@@ -100,14 +100,15 @@ def why_not_loaded(err, source):
     return text.splitlines()[0][:300]
 
 
-def load_source(source):
+def load_source(source, key="dataset_name"):
+    """The raw rows of one source; `key` is where the recipe names it, for the error message."""
     from datasets import load_dataset
 
     path = Path(source.path)
     builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
     if path.suffix in builders:
         if not path.is_file():
-            sys.exit(f"train_sft.py: dataset file not found: {path}")
+            sys.exit(f"train_sft.py: {key} file not found: {path}")
         return load_dataset(builders[path.suffix], data_files=str(path), split="train")
     try:
         raw = load_dataset(source.path, name=source.name, data_dir=source.data_dir, data_files=source.data_files,
@@ -325,7 +326,7 @@ def build_datasets(args, seed, recipe=None):
                        "this model may be inflated")
     per_source, report = [], {"sources": [], "decontaminate": args.decontaminate}
     for number, source in enumerate(sources):
-        raw = load_source(source)
+        raw = load_source(source, f"datasets[{number}]" if args.datasets else "dataset_name")
         if args.max_samples:
             raw = raw.shuffle(seed=seed).select(range(min(args.max_samples, len(raw))))
         stats = {"path": source.path, "format": source.format, "rows": len(raw), "skipped": Counter(), "first_bad": {},

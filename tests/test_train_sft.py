@@ -42,7 +42,7 @@ def test_unknown_flag_and_missing_files(demo_recipe, tmp_path):
     proc = run([PYTHON, "train_sft.py", tmp_path / "nope.yaml"], check=False)
     assert proc.returncode != 0 and f"recipe file not found: {tmp_path / 'nope.yaml'}" in proc.stderr
     proc = run([PYTHON, "train_sft.py", demo_recipe(dataset_name=str(tmp_path / "missing.jsonl"))], check=False)
-    assert proc.returncode != 0 and f"dataset file not found: {tmp_path / 'missing.jsonl'}" in proc.stderr
+    assert proc.returncode != 0 and f"dataset_name file not found: {tmp_path / 'missing.jsonl'}" in proc.stderr
 
 
 def test_command_line_overrides_recipe(demo_recipe):
