@@ -653,7 +653,7 @@ def peak_tflops_of(device, override, cache={}):
     best 1-thread fp32 matmul measured on this machine now (as bench_fsdp.py does)."""
     if override:
         return override
-    if device == "cpu":
+    if device.startswith("cpu"):  # "cpu" or train_sft.py's "cpu (<machine>)"
         if "cpu" not in cache:
             cache["cpu"] = bench_fsdp.measured_cpu_peak_tflops(threads=1)
         return cache["cpu"]
