@@ -72,21 +72,15 @@ class ScriptArguments:
 
 
 def unknown_keys(parser, recipe, config, argv):
-    """Recipe keys and flags the parser does not know, with a 'did you mean' hint each. Checked before any dataclass
-    is built: building SFTConfig validates bf16 against the hardware, and that error must not hide a typo."""
+    """Problems for the recipe keys and flags the parser does not know, and the unknown names. Checked before any
+    dataclass is built: building SFTConfig validates bf16 against the hardware, and that error must not hide a typo."""
     dests = {a.dest for a in parser._actions}
     flags = {opt for a in parser._actions for opt in a.option_strings}
-    problems, hints = [], []
-    for key in config:
-        if key not in dests and key != "env":  # `env` is TRL's: environment variables set from the recipe
-            problems.append(f"unknown key '{key}' in {recipe}")
-            hints += [f"'{key}' -> did you mean '{c}'?" for c in difflib.get_close_matches(key, dests, n=1)]
-    for item in argv:
-        flag = item.split("=")[0]
-        if flag.startswith("--") and flag not in flags:  # exact names only: the parser takes no abbreviations
-            problems.append(f"unknown command-line flag '{flag}'")
-            hints += [f"'{flag[2:]}' -> did you mean '{c}'?" for c in difflib.get_close_matches(flag[2:], dests, n=1)]
-    return problems, hints
+    keys = [key for key in config if key not in dests and key != "env"]  # `env` is TRL's: variables set from the recipe
+    given = [item.split("=")[0] for item in argv if item.startswith("--")]
+    bad_flags = [flag for flag in given if flag not in flags]  # exact names only: the parser takes no abbreviations
+    problems = [f"unknown key '{key}' in {recipe}" for key in keys] + [f"unknown command-line flag '{f}'" for f in bad_flags]
+    return problems, keys + [flag[2:] for flag in bad_flags]
 
 
 def parse_recipe(argv):
@@ -102,9 +96,9 @@ def parse_recipe(argv):
         config = yaml.safe_load(Path(recipe).read_text()) or {}
         if not isinstance(config, dict):
             sys.exit(f"train_sft.py: {recipe} must be a YAML mapping of keys to values")
-    problems, hints = unknown_keys(parser, recipe, config, argv)
+    problems, unknown = unknown_keys(parser, recipe, config, argv)
     if problems:
-        sys.exit("train_sft.py: " + "; ".join(problems) + ("\n  " + "\n  ".join(hints) if hints else ""))
+        sys.exit("train_sft.py: " + "; ".join(problems) + did_you_mean(unknown, {a.dest for a in parser._actions}))
     argv = ["--config", recipe, *argv] if recipe else argv
     # QLoRA's check needs ModelConfig alone; it goes before SFTConfig is built, which validates bf16 against the
     # hardware and would stop a QLoRA recipe on a machine without a GPU for the wrong reason.
@@ -368,7 +362,6 @@ def make_report_callback(accelerator, output_dir, run_info=None):
                     "distributed_type": str(accelerator.distributed_type),
                     "fsdp_version": getattr(getattr(accelerator.state, "fsdp_plugin", None), "fsdp_version", None),
                     "num_processes": accelerator.num_processes,
-                    "device": torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else accelerator.device.type,
                     "mixed_precision": accelerator.mixed_precision,
                     # the accelerate config as the launcher passed it (FSDP strategy, activation checkpointing, ...)
                     "launch": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("FSDP_", "ACCELERATE_MIXED_PRECISION"))},

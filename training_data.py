@@ -185,8 +185,9 @@ def convert_xlam_source(raw, args, seed, report):
     parsed = []
     for index, row in enumerate(raw):
         try:
-            fc.xlam_to_messages(row)  # validates the row as it is
-            parsed.append(fc.parse_xlam_row(row))
+            row = fc.parse_xlam_row(row)
+            fc.xlam_to_messages(row)  # validates the row as it is, before any transform
+            parsed.append(row)
         except fc.MalformedRow as err:
             report["skipped"][err.reason] += 1
             report["first_bad"].setdefault(err.reason, f"row {index}: {err}")

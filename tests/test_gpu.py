@@ -7,7 +7,6 @@ by the tests that read it (module-scoped); the whole module takes a few minutes 
 """
 
 import json
-import socket
 
 import pytest
 import torch
@@ -40,15 +39,9 @@ VARIANTS = {
 LOSS_RTOL = 0.02  # bf16: the same batch through other kernels gives the same first loss within 2%
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(config, recipe_path, timeout=900):
     return run([ACCELERATE, "launch", "--config_file", REPO / "accelerate_configs" / config, "--num_processes", GPUS,
-                "--main_process_port", free_port(), "train_sft.py", recipe_path], timeout=timeout)
+                "--main_process_port", bench_fsdp.free_port(), "train_sft.py", recipe_path], timeout=timeout)
 
 
 def losses(summary):
