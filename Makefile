@@ -21,12 +21,17 @@ $(VENV)/.installed: requirements.txt constraints.txt
 assets: setup
 	$(PY) make_demo_assets.py --out demo_assets
 
-# The main job on the offline default: FSDP across 2 CPU processes, then BFCL-style eval before/after.
+# The main job on the offline default: FSDP across 2 CPU processes, then BFCL-style eval before/after, then the
+# before/after table and its pictures (runs/demo_cpu/before_after.png, loss_curve.png).
+# 160 new tokens: the longest held-out answer (3 parallel calls) is 99 tokens, as make_demo_assets.py prints;
+# tests/test_demo.py checks the bound.
+DEMO_MAX_NEW_TOKENS := 160
+DEMO_EVAL = $(PY) eval_bfcl.py --data-dir demo_assets/bfcl_heldout --categories all --max-new-tokens $(DEMO_MAX_NEW_TOKENS) --overwrite
 demo: assets
 	$(ACCELERATE) launch --config_file accelerate_configs/cpu_fsdp_full.yaml train_sft.py recipes/demo_cpu.yaml
-	$(PY) eval_bfcl.py --model demo_assets/tiny-qwen2 --data-dir demo_assets/bfcl_heldout --categories all --max-new-tokens 64 --overwrite --output-dir runs/demo_eval/before
-	$(PY) eval_bfcl.py --model runs/demo_cpu --data-dir demo_assets/bfcl_heldout --categories all --max-new-tokens 64 --overwrite --output-dir runs/demo_eval/after
-	$(PY) eval_bfcl.py compare runs/demo_eval/before runs/demo_eval/after --plot runs/demo_eval/compare.png
+	$(DEMO_EVAL) --model demo_assets/tiny-qwen2 --output-dir runs/demo_eval/before > runs/demo_eval_before.log
+	$(DEMO_EVAL) --model runs/demo_cpu --output-dir runs/demo_eval/after > runs/demo_eval_after.log
+	$(PY) demo_report.py --run runs/demo_cpu --before runs/demo_eval/before --after runs/demo_eval/after
 
 # The study's sweep runner on the offline default: a baseline and two learning rates of the tiny model, scored on a few
 # BFCL prompts, into runs/sweeps/demo_cpu/ (results.md, results.csv, plots). Run again, it skips what is done.

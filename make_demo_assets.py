@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from function_calling import xlam_to_messages
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import GPT2Tokenizer, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX
 
 # ---------------------------------------------------------------------------------------------------------------
 # A small tool library: each tool knows its xLAM spec and how to draw (arguments, the phrase that asks for them).
@@ -35,8 +37,7 @@ PRODUCTS = ["running shoes", "laptop stand", "coffee grinder", "desk lamp", "yog
 
 @dataclass
 class Param:
-    type: str  # xLAM's Python-style type string
-    description: str
+    type: str  # xLAM's Python-style type string; no description: the compact specs leave it out
     default: object = None  # a default makes the parameter optional, as in xLAM
     has_default: bool = False
 
@@ -49,9 +50,11 @@ class Tool:
     draw: object = field(repr=False)  # rng -> (arguments, phrase)
 
     def xlam_spec(self):
+        """Compact: the parameters' types and defaults, no descriptions (the names say it), so every training
+        sequence is shorter and the demo's few CPU minutes see more examples."""
         params = {}
         for name, p in self.params.items():
-            spec = {"description": p.description, "type": p.type}
+            spec = {"type": p.type}
             if p.has_default:
                 spec["default"] = p.default
             params[name] = spec
@@ -136,51 +139,51 @@ def _preferences(rng):
 
 TOOLS = [
     Tool("get_weather", "Get the current weather for a city.", {
-        "city": Param("str", "Name of the city, e.g. Paris."),
-        "unit": Param("str, optional", "Temperature unit: celsius or fahrenheit."),
+        "city": Param("str"),
+        "unit": Param("str, optional"),
     }, _weather),
     Tool("convert_currency", "Convert an amount of money from one currency to another.", {
-        "amount": Param("float", "The amount to convert."),
-        "from_currency": Param("str", "ISO code of the source currency."),
-        "to_currency": Param("str", "ISO code of the target currency."),
+        "amount": Param("float"),
+        "from_currency": Param("str"),
+        "to_currency": Param("str"),
     }, _currency),
     Tool("get_stock_price", "Fetch the latest trading price of a stock.", {
-        "symbol": Param("str", "The ticker symbol, e.g. AAPL."),
+        "symbol": Param("str"),
     }, _stock),
     Tool("list_primes", "List the prime numbers below a limit.", {
-        "limit": Param("int", "Exclusive upper bound."),
+        "limit": Param("int"),
     }, _primes),
     Tool("sort_numbers", "Sort a list of integers.", {
-        "numbers": Param("List[int]", "The integers to sort."),
-        "descending": Param("bool", "Sort from largest to smallest.", False, True),
+        "numbers": Param("List[int]"),
+        "descending": Param("bool", False, True),
     }, _sort),
     Tool("calculate_bmi", "Compute the body mass index.", {
-        "weight_kg": Param("float", "Body weight in kilograms."),
-        "height_m": Param("float", "Height in meters."),
+        "weight_kg": Param("float"),
+        "height_m": Param("float"),
     }, _bmi),
     Tool("translate_text", "Translate text into another language.", {
-        "text": Param("str", "The text to translate."),
-        "target_language": Param("str", "Language to translate into."),
-        "source_language": Param("Optional[str]", "Language of the text; detected when omitted."),
+        "text": Param("str"),
+        "target_language": Param("str"),
+        "source_language": Param("Optional[str]"),
     }, _translate),
     Tool("search_products", "Search the product catalogue.", {
-        "query": Param("str", "Search terms."),
-        "max_results": Param("int", "How many results to return.", 10, True),
+        "query": Param("str"),
+        "max_results": Param("int", 10, True),
     }, _products),
     Tool("get_local_time", "Get the current local time in a city.", {
-        "city": Param("str", "Name of the city."),
+        "city": Param("str"),
     }, _timezone),
     Tool("search_flights", "Find flights between two cities on a date.", {
-        "origin": Param("str", "Departure city."),
-        "destination": Param("str", "Arrival city."),
-        "date": Param("str", "Departure date, YYYY-MM-DD."),
-        "passengers": Param("int", "Number of passengers.", 1, True),
+        "origin": Param("str"),
+        "destination": Param("str"),
+        "date": Param("str"),
+        "passengers": Param("int", 1, True),
     }, _flight),
     Tool("average", "Compute the arithmetic mean of numbers.", {
-        "values": Param("List[float]", "The numbers to average."),
+        "values": Param("List[float]"),
     }, _average),
     Tool("set_preferences", "Update the user's app preferences.", {
-        "settings": Param("Dict[str, Any]", "Preference names and values, e.g. theme and language."),
+        "settings": Param("Dict[str, Any]"),
     }, _preferences),
 ]
 
@@ -236,7 +239,6 @@ def bfcl_param(p):
         spec = {"type": "dict", "properties": {}}
     else:
         spec = {"type": BFCL_TYPES[base]}
-    spec["description"] = p.description
     if p.has_default:
         spec["default"] = p.default
     return spec
@@ -268,36 +270,46 @@ def bfcl_entry(idx, category, listed, calls, query):
 
 
 def write_data(out, seed, n_train, n_heldout_per_category):
-    rng = random.Random(seed)
-    train_dir = out / "xlam_sample"
-    train_dir.mkdir(parents=True, exist_ok=True)
-    rows, seen = [], set()
-    while len(rows) < n_train:
-        category = train_category(len(rows))
-        listed, calls, query = draw_row(rng, category)
-        seen.add(query)
-        rows.append({"id": len(rows), "query": query, "tools": json.dumps([t.xlam_spec() for t in listed]),
-                     "answers": json.dumps(calls)})
-    with open(train_dir / "train.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-
+    """The held-out split first, from its own random stream, so it is the same whatever the training size; then the
+    training rows, skipping any question that is held out."""
+    heldout_rng, train_rng = random.Random(f"heldout-{seed}"), random.Random(seed)
     heldout = out / "bfcl_heldout"
     (heldout / "possible_answer").mkdir(parents=True, exist_ok=True)
+    held_out_queries, heldout_calls = set(), []
     for category in CATEGORIES:
         questions, answers = [], []
         while len(questions) < n_heldout_per_category:
-            listed, calls, query = draw_row(rng, category)
-            if query in seen:  # held out means never trained on
+            listed, calls, query = draw_row(heldout_rng, category)
+            if query in held_out_queries:
                 continue
-            seen.add(query)
+            held_out_queries.add(query)
             q, a = bfcl_entry(len(questions), category, listed, calls, query)
+            heldout_calls.append(calls)
             questions.append(q)
             answers.append(a)
         # irrelevance has no possible answers: the official checker passes an entry when nothing decodes as a call
         for folder, items in ((heldout, questions), (heldout / "possible_answer", answers))[:1 if category == "irrelevance" else 2]:
             with open(folder / f"BFCL_v4_demo_{category}.json", "w") as f:
                 f.writelines(json.dumps(x) + "\n" for x in items)
-    return rows
+
+    train_dir = out / "xlam_sample"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    while len(rows) < n_train:
+        listed, calls, query = draw_row(train_rng, train_category(len(rows)))
+        if query in held_out_queries:  # held out means never trained on
+            continue
+        rows.append({"id": len(rows), "query": query, "tools": json.dumps([t.xlam_spec() for t in listed]),
+                     "answers": json.dumps(calls)})
+    with open(train_dir / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return rows, heldout_calls
+
+
+def answer_text(calls):
+    """The reply the model is trained to write for `calls` (Qwen2.5's tool-call format, as the chat template renders it)."""
+    return "\n".join(f'<tool_call>\n{json.dumps({"name": c["name"], "arguments": c["arguments"]})}\n</tool_call>'
+                     for c in calls) + "<|im_end|>"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,10 +328,21 @@ def qwen25_chat_template():
 
 
 def build_tokenizer(rows, vocab_size):
-    corpus = [json.dumps(json.loads(r["tools"])) + "\n" + r["query"] + "\n" + json.dumps(json.loads(r["answers"])) for r in rows]
+    """BPE trained on the text the model is shown: the rows as the chat template renders them (tools as JSON schema),
+    the tool library as BFCL's prompts write it, and the template itself."""
+    corpus = []
+    for row in rows:
+        example = xlam_to_messages(row)
+        calls = [c["function"] for c in example["messages"][-1].get("tool_calls", [])]
+        corpus.append("\n".join([*map(json.dumps, example["tools"]), row["query"], answer_text(calls)]))
+    corpus.append(json.dumps(bfcl_entry(0, "simple", TOOLS, [], "")[0]["function"]))
     corpus.append(qwen25_chat_template())
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Qwen2's own normaliser and pre-tokenizer, which transformers puts back when it loads the files as a
+    # Qwen2Tokenizer: the merges are learned on the same pieces that training and eval will cut the text into.
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -331,10 +354,10 @@ def build_tokenizer(rows, vocab_size):
     )
 
 
-def build_model(tokenizer, seed):
+def build_model(tokenizer, seed, num_layers, hidden_size):
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 11 // 4, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e6,
         tie_word_embeddings=True, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
@@ -430,20 +453,24 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_assets", type=Path)
     parser.add_argument("--seed", default=0, type=int)
-    parser.add_argument("--n-train", default=600, type=int, help="xLAM-schema training rows")
+    parser.add_argument("--n-train", default=2400, type=int, help="xLAM-schema training rows (make demo: one epoch)")
     parser.add_argument("--n-heldout", default=10, type=int, help="held-out BFCL entries per category")
     parser.add_argument("--vocab-size", default=2048, type=int)
+    parser.add_argument("--num-layers", default=2, type=int, help="decoder layers of the tiny Qwen2 model")
+    parser.add_argument("--hidden-size", default=256, type=int)
     parser.add_argument("--n-dolly", default=48, type=int, help="Dolly-15k-format rows for the tiny OPT recipe test")
     args = parser.parse_args()
 
-    rows = write_data(args.out, args.seed, args.n_train, args.n_heldout)
+    rows, heldout_calls = write_data(args.out, args.seed, args.n_train, args.n_heldout)
     tokenizer = build_tokenizer(rows, args.vocab_size)
-    model = build_model(tokenizer, args.seed)
+    model = build_model(tokenizer, args.seed, args.num_layers, args.hidden_size)
     model.save_pretrained(args.out / "tiny-qwen2")
     tokenizer.save_pretrained(args.out / "tiny-qwen2")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {len(rows)} xLAM rows, {len(CATEGORIES) * args.n_heldout} held-out BFCL entries and a {n_params / 1e6:.2f}M-parameter "
           f"Qwen2 model (vocab {len(tokenizer)}) to {args.out}/")
+    longest = max(len(tokenizer(answer_text(calls))["input_ids"]) for calls in heldout_calls)
+    print(f"the longest held-out answer is {longest} tokens: generate at least that many (make demo: DEMO_MAX_NEW_TOKENS)")
 
     dolly_rows = write_dolly(args.out, args.seed, args.n_dolly)
     opt_tokenizer = build_opt_tokenizer(dolly_rows, vocab_size=1024)

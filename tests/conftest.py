@@ -28,7 +28,7 @@ def run(cmd, check=True, timeout=600, **kwargs):
 def assets(tmp_path_factory):
     """demo_assets built by the repo's own script: tiny Qwen2 model, xLAM sample, BFCL-format held-out split."""
     out = tmp_path_factory.mktemp("assets")
-    run([PYTHON, "make_demo_assets.py", "--out", out])
+    run([PYTHON, "make_demo_assets.py", "--out", out, "--n-train", "600"])  # the demo trains on 2,400; tests need fewer
     return out
 
 
