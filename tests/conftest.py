@@ -32,6 +32,13 @@ def assets(tmp_path_factory):
     return out
 
 
+def tiny_linear_layers(assets):
+    """LoRA targets in the tiny Qwen2: its decoder layers x (q, k, v, o, gate, up, down)."""
+    import json
+
+    return json.loads((assets / "tiny-qwen2" / "config.json").read_text())["num_hidden_layers"] * 7
+
+
 @pytest.fixture
 def demo_recipe(assets, tmp_path):
     """Write recipes/demo_cpu.yaml pointed at the session's assets and tmp_path, with overrides."""

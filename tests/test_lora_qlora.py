@@ -13,10 +13,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import train_sft
-from conftest import LORA_KILL_AFTER, PYTHON, REPO, run
+from conftest import LORA_KILL_AFTER, PYTHON, REPO, run, tiny_linear_layers
 
 SERIES = yaml.safe_load((REPO / "sweeps" / "phase4_lora_ranks.yaml").read_text())
-TINY_LINEAR_LAYERS = 4 * 7  # tiny-qwen2: 4 decoder layers x (q, k, v, o, gate, up, down)
 
 
 def adapter(folder):
@@ -42,7 +41,7 @@ def test_rank_series_points_are_valid_overrides_with_alpha_tied_to_rank():
 # --- adapters under FSDP2: every rank's shard, every checkpoint, kill and resume ---------------------------------------
 
 
-def test_every_checkpoint_and_the_final_adapter_hold_every_ranks_shard(lora_fsdp_runs):
+def test_every_checkpoint_and_the_final_adapter_hold_every_ranks_shard(lora_fsdp_runs, assets):
     from transformers import AutoModelForCausalLM
 
     out = lora_fsdp_runs["reference"]
@@ -53,7 +52,7 @@ def test_every_checkpoint_and_the_final_adapter_hold_every_ranks_shard(lora_fsdp
     assert (config["r"], config["lora_alpha"]) == (r, 2 * r)
     for folder in (out / "checkpoint-8", out / "checkpoint-12", out):
         tensors = adapter(folder)
-        assert len(tensors) == 2 * TINY_LINEAR_LAYERS, folder
+        assert len(tensors) == 2 * tiny_linear_layers(assets), folder
         assert all(min(t.shape) == r for t in tensors.values()), folder  # full shapes, not a rank's half
         # FSDP2 shards dim 0 over the 2 ranks; lora_B starts at zero, so a half that was lost or reset stays zero
         for name, t in tensors.items():
@@ -66,7 +65,7 @@ def test_every_checkpoint_and_the_final_adapter_hold_every_ranks_shard(lora_fsdp
     final, last = adapter(out), adapter(out / "checkpoint-12")
     assert all(torch.equal(final[k], last[k]) for k in final)  # the last checkpoint is the final model
     model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers with peft installed
-    assert sum("lora_B" in n for n, _ in model.named_parameters()) == TINY_LINEAR_LAYERS
+    assert sum("lora_B" in n for n, _ in model.named_parameters()) == tiny_linear_layers(assets)
 
 
 def test_killed_and_resumed_adapter_equals_the_uninterrupted_one(lora_fsdp_runs):
