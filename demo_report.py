@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from bfcl_scorer import is_relevance_category
 from eval_bfcl import OUTCOME_STEPS, category_order, load_summaries, plot_comparison, table
 
 IRRELEVANCE_NOTE = "in irrelevance categories there is no function to call: a decoded call is the mistake"
@@ -19,17 +20,17 @@ CALL_KINDS = ["simple", "multiple", "parallel", "parallel_multiple"]
 
 
 def report_order(categories):
-    """Simple to parallel-multiple (demo_simple first), then the irrelevance categories."""
+    """Simple to parallel-multiple (demo_simple first), then the (ir)relevance categories."""
     def kind(c):
         suffix = c.split("_", 1)[-1]
         return CALL_KINDS.index(suffix) if suffix in CALL_KINDS else len(CALL_KINDS)
-    return sorted(categories, key=lambda c: ("irrelevance" in c, kind(c), category_order(c)))
+    return sorted(categories, key=lambda c: (is_relevance_category(c), kind(c), category_order(c)))
 
 
 def step_rates(summary, categories, key):
-    """Per category, and over all the categories that score the step (weighted by entries), the rate of one step."""
+    """Per category, and over the categories that score calls (weighted by entries), the rate of one step."""
     per_category = {c: summary["categories"][c]["rates"][key] for c in categories}
-    scored = [c for c in categories if per_category[c] is not None and "irrelevance" not in c]
+    scored = [c for c in categories if per_category[c] is not None and not is_relevance_category(c)]
     total = sum(summary["categories"][c]["total"] for c in scored)
     overall = sum(per_category[c] * summary["categories"][c]["total"] for c in scored) / total if total else None
     return per_category, overall
@@ -47,7 +48,7 @@ def before_after_table(before, after):
         return "—" if pair[0] is None else f"{100 * pair[0]:.0f} -> {100 * pair[1]:.0f}"
 
     counts = {c: str(after["categories"][c]["total"]) for c in categories}
-    counts["all calling categories"] = str(sum(int(n) for c, n in counts.items() if "irrelevance" not in c))
+    counts["all calling categories"] = str(sum(int(n) for c, n in counts.items() if not is_relevance_category(c)))
     header = ["category", "questions", "well-formed calls (%)", "right function(s) (%)", "right arguments = BFCL accuracy (%)"]
     label = lambda name: name + (" (a call is the mistake)" if "irrelevance" in name else "")  # noqa: E731
     rows = [[label(name), counts[name], *(arrow(cells[key][name]) for key in OUTCOME_STEPS)] for name in counts]

@@ -27,6 +27,8 @@ from pathlib import Path
 import yaml
 from transformers import TrainerCallback
 
+import training_data
+
 logger = logging.getLogger("epoch_checkpoints")
 
 PUSH_MODES = ("branch", "repo", "both")
@@ -188,15 +190,16 @@ class EpochCheckpointCallback(TrainerCallback):
         metadata = {"library_name": "transformers", "tags": ["trl", "sft", "fsdp"]}
         if not looks_local(base_model):
             metadata["base_model"] = base_model
-        if not looks_local(script_args.dataset_name):
-            metadata["datasets"] = [script_args.dataset_name]
+        sources = training_data.source_configs(script_args)  # `dataset_name`, or every dataset of a mixture
+        if any(not looks_local(source.path) for source in sources):
+            metadata["datasets"] = [source.path for source in sources if not looks_local(source.path)]
         train_losses = [h["loss"] for h in state.log_history if "loss" in h]
         eval_rows = len(self.trainer.eval_dataset) if self.trainer.eval_dataset is not None else 0
         accelerator = self.trainer.accelerator
         lines = [
             "---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "",
             f"# {args.run_name or Path(args.output_dir).name}: epoch {epoch} of {state.num_train_epochs}", "",
-            f"`{base_model}` fine-tuned on `{script_args.dataset_name}` ({script_args.dataset_format} format) with TRL's "
+            f"`{base_model}` fine-tuned on {', '.join(f'`{source.path}` ({source.format} format)' for source in sources)} with TRL's "
             f"SFTTrainer through `train_sft.py`. This is the checkpoint at the end of epoch {epoch}.", "",
             "| | |", "|---|---|",
             f"| epoch | {epoch} of {state.num_train_epochs} |",

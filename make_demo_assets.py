@@ -332,9 +332,8 @@ def build_tokenizer(rows, vocab_size):
     the tool library as BFCL's prompts write it, and the template itself."""
     corpus = []
     for row in rows:
-        example = xlam_to_messages(row)
-        calls = [c["function"] for c in example["messages"][-1].get("tool_calls", [])]
-        corpus.append("\n".join([*map(json.dumps, example["tools"]), row["query"], answer_text(calls)]))
+        tools = xlam_to_messages(row)["tools"]
+        corpus.append("\n".join([*map(json.dumps, tools), row["query"], answer_text(json.loads(row["answers"]))]))
     corpus.append(json.dumps(bfcl_entry(0, "simple", TOOLS, [], "")[0]["function"]))
     corpus.append(qwen25_chat_template())
     tok = Tokenizer(models.BPE())

@@ -26,8 +26,8 @@ import yaml
 
 import epoch_checkpoints
 from eval_bfcl import summary_markdown
+from sweep import DEFAULT_PRICE_PER_GPU_HOUR
 
-PLAN_PRICE_PER_GPU_HOUR = 23 / 8  # the plan: $23 per hour for 8 GPUs
 BFCL_DATASET = "gorilla-llm/Berkeley-Function-Calling-Leaderboard"
 BFCL_START, BFCL_END = "<!-- BFCL results (eval_bfcl.py) -->", "<!-- end of BFCL results -->"
 
@@ -164,7 +164,7 @@ def main(argv=None):
     parser.add_argument("folder", help="the model folder: train_sft.py's output_dir, or merge_adapters.py's --output")
     parser.add_argument("--bfcl", help="eval_bfcl.py's --output-dir for this model (its summary.json); a card rewritten "
                         "from run_summary.json without it has no BFCL results")
-    parser.add_argument("--price-per-gpu-hour", type=float, default=PLAN_PRICE_PER_GPU_HOUR,
+    parser.add_argument("--price-per-gpu-hour", type=float, default=DEFAULT_PRICE_PER_GPU_HOUR,
                         help="for the cost line (default: the plan's $23/hour for 8 GPUs)")
     parser.add_argument("--push", metavar="REPO_ID", help="push the folder to this hub repository (token: HF_TOKEN)")
     parser.add_argument("--revision", help="branch to push to (created if needed; default: main)")

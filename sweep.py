@@ -456,7 +456,7 @@ def run_point(sweep, point, k, n, progress_seconds):
         print(f"{tag}: {record.get('status')} before ({record.get('error') or 'interrupted'}); running it again", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {**asdict(point), "status": "running", "attempts": record.get("attempts", 0) + 1, "started": now(),
-              "stages": record.get("stages", {}), "commands": {}}
+              "stages": record.get("stages", {}), "seconds": record.get("seconds", {}), "commands": {}}
     for stage, command in stages(sweep, point, run_dir):
         if record["stages"].get(stage) == "done":
             print(f"{tag}: {stage} finished in an earlier attempt", flush=True)
@@ -594,6 +594,9 @@ def load_run(run_dir):
            "train": next((s for s in (read_json(run_dir / "run_summary.json"), read_json(run_dir / "train" / "run_summary.json")) if s), None),
            "bfcl": next((s for s in (read_json(run_dir / "bfcl" / "summary.json"), read_json(run_dir / "summary.json"))
                          if s and "categories" in s), None)}
+    if run["bfcl"] and not run["train"]:  # eval_bfcl.py's folder of a trained model: that model's training is the run's
+        scored = (run["bfcl"].get("generation") or {}).get("model")
+        run["train"] = read_json(Path(scored) / "run_summary.json") if scored else None
     train_dir = run_dir / "train" if (run_dir / "train" / "run_summary.json").is_file() else run_dir
     run["profile"] = read_json(train_dir / "profile" / "breakdown.json")
     if not (run["point"] or run["train"] or run["bfcl"]):
@@ -653,7 +656,7 @@ def peak_tflops_of(device, override, cache={}):
     best 1-thread fp32 matmul measured on this machine now (as bench_fsdp.py does)."""
     if override:
         return override
-    if device.startswith("cpu"):  # "cpu" or train_sft.py's "cpu (<machine>)"
+    if str(device or "").startswith("cpu"):  # "cpu" or train_sft.py's "cpu (<machine>)"; None in older summaries
         if "cpu" not in cache:
             cache["cpu"] = bench_fsdp.measured_cpu_peak_tflops(threads=1)
         return cache["cpu"]

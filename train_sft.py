@@ -118,6 +118,10 @@ def parse_recipe(argv):
         logger.warning("--dataset_name %s replaces the datasets mixture of %s", script_args.dataset_name, recipe)
         script_args.datasets = []  # flags override the recipe, the data source included
     training_data.source_configs(script_args, recipe)  # dataset keys are checked before any data or model is loaded
+    reorders = [key for key in ("packing", "shuffle_dataset") if getattr(training_args, key)]
+    if script_args.curriculum and reorders:  # TRL shuffles, or packs by length, after our ordering
+        sys.exit(f"train_sft.py: {recipe}: curriculum orders the rows simple to complex, but {' and '.join(reorders)} "
+                 "reorders them: set it to false, or drop curriculum")
     if not model_args.model_name_or_path:
         sys.exit(f"train_sft.py: the recipe {recipe} must set model_name_or_path")
     check_evaluation_keys(script_args, training_args, recipe)
@@ -553,13 +557,15 @@ def main(script_args, training_args, model_args):
     if not script_args.save_final_model:
         trainer.end()
         return
-    if trainer.is_fsdp_enabled:
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(training_args.output_dir)
+    from epoch_checkpoints import full_state_dict
+
+    with full_state_dict(trainer):  # gathered from the FSDP shards (a no-op without FSDP)
+        trainer.save_model(training_args.output_dir)
     if adapter_under_fsdp:
         check_saved_adapter(trainer, training_args.output_dir)
     if trainer.accelerator.is_main_process:
-        trainer.create_model_card(model_name=Path(training_args.output_dir).name, dataset_name=script_args.dataset_name)
+        datasets = ", ".join(source.path for source in training_data.source_configs(script_args))
+        trainer.create_model_card(model_name=Path(training_args.output_dir).name, dataset_name=datasets)
         skipped = sum(sum(source["skipped"].values()) for source in data_report["sources"])
         logger.warning("saved %s (%d malformed rows skipped, counts in run_summary.json)", training_args.output_dir, skipped)
     trainer.end()

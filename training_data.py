@@ -109,12 +109,13 @@ def load_source(source, key="dataset_name"):
     if path.suffix in builders:
         if not path.is_file():
             sys.exit(f"train_sft.py: {key} file not found: {path}")
-        return load_dataset(builders[path.suffix], data_files=str(path), split="train")
-    try:
-        raw = load_dataset(source.path, name=source.name, data_dir=source.data_dir, data_files=source.data_files,
-                           split=source.split)
-    except Exception as err:  # datasets raises many types; the user needs the dataset and the cause, not a traceback
-        sys.exit(f"train_sft.py: cannot load dataset '{source.path}' (split '{source.split}'): {why_not_loaded(err, source)}")
+        raw = load_dataset(builders[path.suffix], data_files=str(path), split="train")
+    else:
+        try:
+            raw = load_dataset(source.path, name=source.name, data_dir=source.data_dir, data_files=source.data_files,
+                               split=source.split)
+        except Exception as err:  # datasets raises many types; the user needs the dataset and the cause, not a traceback
+            sys.exit(f"train_sft.py: cannot load dataset '{source.path}' (split '{source.split}'): {why_not_loaded(err, source)}")
     return raw.select_columns(source.columns) if source.columns else raw
 
 
@@ -124,13 +125,14 @@ def load_source(source, key="dataset_name"):
 
 
 def make_irrelevant(row, rng, tool_pool):
-    """Remove the tools the answer calls; if none is left, list 1-3 unrelated tools instead. The answer becomes []."""
+    """Remove the tools the answer calls; if none is left, list 1-3 unrelated tools instead. The answer becomes [].
+    None when the data has no unrelated tool to list (a row needs at least one)."""
     called = {call["name"] for call in row["answers"]}
     tools = [t for t in row["tools"] if t["name"] not in called]
     if not tools:
         others = [t for t in tool_pool if t["name"] not in called]
         tools = rng.sample(others, min(len(others), rng.randint(1, 3)))
-    return {**row, "tools": tools, "answers": []}
+    return {**row, "tools": tools, "answers": []} if tools else None
 
 
 def add_extra_tools(row, rng, tool_pool, n):
@@ -200,8 +202,8 @@ def convert_xlam_source(raw, args, seed, report):
     for i, row in enumerate(parsed):
         row_rng = random.Random(f"{seed}-{i}")  # per row: the same row gets the same transform whatever else changes
         tags = [] if row["answers"] else ["no_call"]
-        if i in irrelevant:
-            row, tags = make_irrelevant(row, row_rng, pool), tags + ["irrelevance"]
+        if i in irrelevant and (irrelevant_row := make_irrelevant(row, row_rng, pool)):
+            row, tags = irrelevant_row, tags + ["irrelevance"]
         if args.extra_tools:
             row, tags = add_extra_tools(row, row_rng, pool, args.extra_tools), tags + ["extra_tools"]
         if i in masked:
@@ -259,8 +261,13 @@ class BfclQuestions:
     """Every user turn of every BFCL v4 file, indexed for the three rules above."""
 
     def __init__(self, data_dir=None):
+        import importlib.util
+
         from eval_bfcl import package_data_dir, read_jsonl
 
+        if not data_dir and importlib.util.find_spec("bfcl_eval") is None:
+            sys.exit("train_sft.py: decontaminate needs the BFCL v4 questions: install bfcl-eval (`make setup` does), set "
+                     "decontamination_data_dir to a folder of BFCL_v4_*.json files, or set decontaminate: false")
         data_dir = Path(data_dir) if data_dir else package_data_dir()
         self.texts, self.exact, self.short, self.index, self.grams = [], {}, {}, defaultdict(set), []
         for path in sorted(data_dir.glob("BFCL_v4_*.json")):
@@ -352,6 +359,10 @@ def build_datasets(args, seed, recipe=None):
         per_source.append(examples)
         report["sources"].append(stats)
 
+    empty = [s.path for s, e in zip(sources, per_source) if not e and s.fraction != 0]
+    weighted = any(s.fraction is not None for s in sources)  # then one empty source empties all (TRL's rule)
+    if empty and (weighted or not any(per_source)):
+        sys.exit(f"train_sft.py: no rows left of {', '.join(empty)} after the checks above, so there is nothing to train on")
     sizes = mixture_sizes([len(e) for e in per_source], [s.fraction for s in sources])
     rows = []
     for examples, size, stats in zip(per_source, sizes, report["sources"]):

@@ -18,6 +18,7 @@ import pytest
 
 import bfcl_scorer as scorer
 import function_calling as fc
+from eval_bfcl import read_jsonl
 from bfcl_reference import load_official_bfcl
 
 bfcl_eval = pytest.importorskip("bfcl_eval", reason="bfcl-eval is installed by `make setup`")
@@ -31,10 +32,6 @@ CATEGORIES = [
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     return load_official_bfcl(tmp_path_factory.mktemp("bfcl_project_root"))
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def load(category):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import eval_bfcl
+from eval_bfcl import read_jsonl
 import function_calling as fc
 from bfcl_reference import load_official_bfcl
 from conftest import PYTHON, run
@@ -22,10 +23,6 @@ CATEGORIES = eval_bfcl.NON_LIVE + eval_bfcl.LIVE
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     return load_official_bfcl(tmp_path_factory.mktemp("bfcl_project_root"))
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def all_entries():

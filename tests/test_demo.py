@@ -4,7 +4,6 @@ eval_bfcl.py's error analysis before and after and reported by demo_report.py.""
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer
@@ -12,13 +11,10 @@ from transformers import AutoTokenizer
 
 import make_demo_assets
 from conftest import ACCELERATE, PYTHON, REPO, run
+from eval_bfcl import read_jsonl
 from function_calling import bfcl_prompt, xlam_to_messages
 
 pytest.importorskip("bfcl_eval", reason="bfcl-eval is installed by `make setup`")
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def test_saved_tokenizer_cuts_text_as_it_was_trained(assets):

@@ -269,7 +269,8 @@ def _fake_trainer(tmp_path, **args):
                            save_model=save_model, eval_dataset=None, model=SimpleNamespace(config=SimpleNamespace()))
 
 
-SCRIPT_ARGS = SimpleNamespace(hub_push_epochs="branch", dataset_name="d.jsonl", dataset_format="dolly")
+SCRIPT_ARGS = SimpleNamespace(hub_push_epochs="branch", dataset_name="d.jsonl", dataset_format="dolly", datasets=[],
+                              dataset_config=None, dataset_split="train")
 STATE = SimpleNamespace(log_history=[], global_step=10, max_steps=20, num_train_epochs=2)
 
 
@@ -351,7 +352,10 @@ def test_fp16_loss_scaler_under_fsdp2_skips_the_step_on_every_rank(tmp_path):
     accelerate's fp16 policy the master weights and gradients stay fp32, and a real fp16 overflow is caught too."""
     script = tmp_path / "scaler_check.py"
     script.write_text(SCALER_CHECK)
-    run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, tmp_path])
+    from bench_fsdp import free_port
+
+    # a free port, not torchrun's fixed default 29500, which another launch on the machine may hold
+    run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(), script, tmp_path])
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text().splitlines() == [
             "clean GradScaler master torch.float32 grad torch.float32 scale 2048 applied True",  # grows (interval 1)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import eval_bfcl
+from eval_bfcl import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("bfcl_eval", reason="bfcl-eval is installed by `make setup`")
@@ -31,10 +32,6 @@ def bfcl_demo_assets(assets):
     """The tiny Qwen2 model and the held-out BFCL-format split: conftest's session build of make_demo_assets.py."""
     assert (assets / "tiny-qwen2" / "config.json").exists() and (assets / "bfcl_heldout").is_dir()
     return assets
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().split("\n") if line.strip()]
 
 
 def ids_of(path):

@@ -81,7 +81,7 @@ def test_cost_is_device_hours_times_the_price():
            "device": "NVIDIA H100 80GB HBM3", "train_seconds": 5400.0, "global_step": 100, "fsdp_version": 2,
            "data": {"sources": [{"path": "Salesforce/xlam-function-calling-60k", "format": "xlam", "rows": 60000,
                                  "skipped": {}, "decontaminated": 0, "taken": 60000, "transforms": {}}]}}
-    text = model_card.run_card("runs/x", run, model_card.PLAN_PRICE_PER_GPU_HOUR)
+    text = model_card.run_card("runs/x", run, model_card.DEFAULT_PRICE_PER_GPU_HOUR)
     # 1.5 h x 8 GPUs = 12 GPU-hours at the plan's $23/hour for 8 GPUs = $34.50
     assert "| train time | 1h 30m (5,400 s) |" in text and "| device-hours | 12.00 |" in text
     assert "| cost | $34.50 at $2.875 per GPU-hour |" in text

@@ -161,11 +161,14 @@ def test_report_combines_run_folders(finished_sweep, tmp_path):
     out = finished_sweep["dir"]
     report = tmp_path / "report"
     assert sweep.main(["report", str(out / "lr_low"), str(out / "baseline"), str(out / "lr_high" / "train"),
-                       "--output", str(report), "--price-per-gpu-hour", "10", "--peak-tflops", "0.1"]) == 0
+                       str(out / "lr_high" / "bfcl"), "--output", str(report), "--price-per-gpu-hour", "10",
+                       "--peak-tflops", "0.1"]) == 0
     with open(report / "results.csv") as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}
-    assert list(rows) == ["lr_low", "baseline", "train"]  # a plain train_sft.py output dir is a run too
+    assert list(rows) == ["lr_low", "baseline", "train", "bfcl"]  # a plain train_sft.py output dir is a run too
     plain = rows["train"]
+    # eval_bfcl.py's folder of a trained model is that model's run (its training cost), not an untrained baseline
+    assert rows["bfcl"]["cost_usd"] == plain["cost_usd"] and rows["bfcl"]["bfcl_overall"] != ""
     assert plain["bfcl_overall"] == "" and plain["train_time_measured"] == "training loop (run_summary.json)"
     summary = json.loads((out / "lr_high" / "train" / "run_summary.json").read_text())
     assert float(plain["cost_usd"]) == pytest.approx(2 * summary["train_seconds"] / 3600 * 10)

@@ -6,12 +6,12 @@ does not improve stops the run early (EarlyStoppingCallback) and brings back the
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
 
 import eval_bfcl
+from eval_bfcl import read_jsonl
 from conftest import ACCELERATE, REPO, run
 
 STEPS = [2, 4]  # evaluations (and sharded checkpoints) every 2 steps; early stopping ends the run at step 4
@@ -83,10 +83,6 @@ def merged(bfcl_run, tmp_path_factory):
                      "chat_template.jinja"):
             shutil.copy(output_dir / name, folders[step] / name)
     return folders
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def test_metric_equals_eval_bfcl_on_the_checkpoint_of_that_step(bfcl_run, merged, assets, tmp_path):

@@ -95,6 +95,30 @@ def test_curriculum_puts_single_calls_among_few_tools_first(assets):
     assert complexity == sorted(complexity) and complexity[0] == (1, 1) and complexity[-1][0] >= 2
 
 
+def test_data_edge_cases_are_kept_or_named(assets, tmp_path):
+    one_tool = tmp_path / "one_tool.jsonl"  # irrelevance needs another tool to list: with none, the row stays as it is
+    one_tool.write_text("".join(json.dumps(r) + "\n" for r in sample_rows(assets) if '"get_weather"' in r["tools"]
+                                and len(json.loads(r["tools"])) == 1))
+    train, _, report = td.build_datasets(script_args(dataset_name=str(one_tool), irrelevance_fraction=1.0), 42)
+    assert len(train) > 0 and report["sources"][0]["transforms"]["irrelevance"] == 0
+    # `columns` applies to local files too
+    source = td.SourceConfig(path=str(assets / "xlam_sample" / "train.jsonl"), columns=["query", "answers"])
+    assert td.load_source(source).column_names == ["query", "answers"]
+    # a weighted source with no rows left would empty the whole mixture (TRL's rule): stop, naming it
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"query": "q", "tools": "[]", "answers": "[]"}) + "\n")
+    args = script_args(datasets=[{"path": str(one_tool), "fraction": 0.5}, {"path": str(empty), "fraction": 0.5}],
+                       max_malformed_fraction=1.0)
+    with pytest.raises(SystemExit, match=f"no rows left of {empty}"):
+        td.build_datasets(args, 42)
+
+
+def test_curriculum_refuses_what_reorders_the_rows(demo_recipe):
+    proc = run([PYTHON, "train_sft.py", demo_recipe(curriculum=True, packing=True), "--show_examples", "1"], check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "curriculum orders the rows simple to complex, but packing reorders them" in proc.stderr
+
+
 def test_mixture_sizes_follow_trls_rule():
     # shares normalised to one; the total is the largest that oversamples no dataset
     assert td.mixture_sizes([100, 30], [0.8, 0.2]) == [100, 25]
@@ -163,6 +187,8 @@ def test_a_two_format_mixture_trains_under_fsdp(assets, demo_recipe, tmp_path):
     summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
     assert [s["taken"] for s in summary["data"]["sources"]] == [300, 100] and summary["data"]["decontaminate"] is False
     assert summary["data"]["train_rows"] == 400 and summary["global_step"] == 2
+    card = (tmp_path / "out" / "README.md").read_text()  # TRL's card names the mixture's datasets, not None
+    assert str(xlam) in card and str(messages) in card and "None" not in card.split("---")[1]
 
 
 # --- input errors ---------------------------------------------------------------------------------------------------
