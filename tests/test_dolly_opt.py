@@ -342,7 +342,7 @@ for case in ("clean", "inf_in_rank0_shard", "fp16_overflow"):
     with open(f"{sys.argv[1]}/rank{rank}.txt", "a") as f:  # one file per rank: their stdout interleaves
         f.write(f"{case} {type(scaler).__name__} master {model[0].weight.dtype} grad {grad.dtype} "
                 f"scale {scaler.get_scale():g} applied {applied}\n")
-dist.barrier()  # both ranks done before gloo is torn down: 2 suite runs aborted at exit ("terminate called") without it
+dist.barrier()  # both ranks done before gloo is torn down: without it 2 runs aborted at exit ("terminate called")
 dist.destroy_process_group()
 '''
 
