@@ -10,8 +10,10 @@ import argparse
 import json
 from pathlib import Path
 
-from bfcl_scorer import is_relevance_category
-from eval_bfcl import OUTCOME_STEPS, category_order, load_summaries, plot_comparison, table
+from fcsft.bfcl_checker import is_relevance_category
+from fcsft.bfcl_data import category_order
+from fcsft.bfcl_report import OUTCOME_STEPS, load_summaries, plot_comparison, table
+from fcsft.errors import UserError, exit_on_user_error
 
 IRRELEVANCE_NOTE = "in irrelevance categories there is no function to call: a decoded call is the mistake"
 
@@ -82,7 +84,7 @@ def main():
 
     run_summary_path = args.run / "run_summary.json"
     if not run_summary_path.exists():
-        raise SystemExit(f"{run_summary_path} not found: train first (make demo)")
+        raise UserError(f"{run_summary_path} not found: train first (make demo)")
     run_summary = json.loads(run_summary_path.read_text())
     (before, after), _ = load_summaries([args.before, args.after])
 
@@ -104,4 +106,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error("demo_report.py"):
+        main()

@@ -1,5 +1,6 @@
 """Shared fixtures: the offline assets built once per session, and helpers that run the real commands."""
 
+import json
 import os
 import subprocess
 import sys
@@ -53,6 +54,56 @@ def demo_recipe(assets, tmp_path):
         return path
 
     return write
+
+
+# --- shared by several test modules (test modules do not import each other) ----------------------------------------
+
+FAKE_TOKEN = "hf_test_secret_do_not_print_123"
+
+
+class RecordingHub:
+    """Stands in for huggingface_hub.HfApi: records calls, and the files each upload would send."""
+
+    def __init__(self, fail_on=None):
+        self.calls, self.fail_on = [], fail_on
+
+    def _record(self, name, **kwargs):
+        self.calls.append((name, kwargs))
+        if name == self.fail_on:
+            raise ConnectionError(f"could not reach huggingface.co (Authorization: Bearer {FAKE_TOKEN})")
+
+    def whoami(self):
+        self._record("whoami")
+        return {"name": "tester"}
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        self._record("create_repo", repo_id=repo_id, private=private, exist_ok=exist_ok)
+
+    def create_branch(self, repo_id, branch, exist_ok=False):
+        self._record("create_branch", repo_id=repo_id, branch=branch, exist_ok=exist_ok)
+
+    def upload_folder(self, repo_id, folder_path, revision=None, commit_message=None):
+        from pathlib import Path
+
+        files = sorted(p.name for p in Path(folder_path).iterdir())
+        self._record("upload_folder", repo_id=repo_id, folder=folder_path, revision=revision, files=files,
+                     commit_message=commit_message)
+
+
+def qwen_call(name, arguments):
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
+
+
+def first_allowed(values):
+    value = next(v for v in values if v != "")
+    if isinstance(value, dict):  # dict answers list allowed values per key
+        return {k: first_allowed(v) for k, v in value.items() if any(x != "" for x in v)}
+    return value
+
+
+def correct_qwen_output(answer):
+    return "\n".join(qwen_call(name, {p: first_allowed(v) for p, v in params.items() if any(x != "" for x in v)})
+                     for call in answer["ground_truth"] for name, params in call.items())
 
 
 def pytest_collection_modifyitems(config, items):

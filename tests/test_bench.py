@@ -7,9 +7,9 @@ import math
 import time
 
 import pytest
-
-import bench_fsdp
 from conftest import PYTHON, run
+
+from fcsft import bench, metrics
 
 
 def test_smoke_benchmark_writes_sane_csv_table_and_plots(assets, tmp_path):
@@ -22,7 +22,7 @@ def test_smoke_benchmark_writes_sane_csv_table_and_plots(assets, tmp_path):
 
     with open(results / "bench.csv") as f:
         reader = csv.DictReader(f)
-        assert reader.fieldnames == bench_fsdp.CSV_COLUMNS
+        assert reader.fieldnames == bench.CSV_COLUMNS
         rows = list(reader)
     data = json.loads((results / "data.json").read_text())
     assert [r["setting"] for r in rows] == ["padded", "group_by_length"]
@@ -34,7 +34,7 @@ def test_smoke_benchmark_writes_sane_csv_table_and_plots(assets, tmp_path):
         assert 4 * data["min"] <= tokens <= 4 * data["max"]
         assert float(r["real_tokens_per_second_per_device"]) == pytest.approx(tokens / float(r["step_seconds"]), rel=1e-6)
         assert 0 < float(r["mfu_percent"]) < 100
-        assert 0.1 < float(r["peak_memory_gb"]) < 20 and float(r["estimated_peak_gb"]) > 0
+        assert 0.1 < float(r["peak_memory_gib"]) < 20 and float(r["estimated_peak_gib"]) > 0
         assert abs(float(r["estimate_error_percent"])) < 60
         assert math.isfinite(float(r["loss_first"])) and float(r["loss_first"]) > 0
     table = (results / "bench.md").read_text()
@@ -46,18 +46,18 @@ def test_smoke_benchmark_writes_sane_csv_table_and_plots(assets, tmp_path):
 def test_settings_that_need_a_gpu_are_skipped_with_a_reason():
     ctx = {"args": argparse.Namespace(num_processes=2), "lengths": [300, 700]}
     for name, reason in (("liger", "Triton"), ("qlora", "bitsandbytes"), ("flash_attention_padding_free", "flash-attn")):
-        setting = next(s for s in bench_fsdp.CPU_SETTINGS if s.name == name)
-        row = bench_fsdp.run_setting(setting, ctx)
+        setting = next(s for s in bench.CPU_SETTINGS if s.name == name)
+        row = bench.run_setting(setting, ctx)
         assert row["status"].startswith("skipped: ") and reason in row["status"]
 
 
 def test_padding_arithmetic():
-    assert bench_fsdp.padding_efficiency([500] * 50, batch_size=8, max_length=None) == 1.0
+    assert bench.padding_efficiency([500] * 50, batch_size=8, max_length=None) == 1.0
     # rows of 100 and 900 tokens, batches of 2: 1000 real tokens on average; padded to 200 (both short, p~1/4),
     # 1800 (both long, p~1/4) or 1800 (mixed, p~1/2) = 1400 on average
-    assert bench_fsdp.padding_efficiency([100, 900] * 50, batch_size=2, max_length=None) == pytest.approx(1000 / 1400, abs=0.02)
-    knobs = {**bench_fsdp.REFERENCE_KNOBS, "packing": True, "per_device_train_batch_size": 2, "max_length": 1024}
-    assert bench_fsdp.worst_micro_batch([300, 500], knobs, steps=3, ranks=2) == (2048, 1024)
+    assert bench.padding_efficiency([100, 900] * 50, batch_size=2, max_length=None) == pytest.approx(1000 / 1400, abs=0.02)
+    knobs = {**bench.REFERENCE_KNOBS, "packing": True, "per_device_train_batch_size": 2, "max_length": 1024}
+    assert bench.worst_micro_batch([300, 500], knobs, steps=3, ranks=2) == (2048, 1024)
 
 
 def test_throughput_counts_only_steps_after_warmup():
@@ -65,7 +65,7 @@ def test_throughput_counts_only_steps_after_warmup():
     logs = [{"step": 1, "num_tokens": 800.0, "loss": 7.0}, {"step": 2, "num_tokens": 1800.0, "tokens_per_second_per_device": 10.0},
             {"step": 3, "num_tokens": 2800.0, "tokens_per_second_per_device": 250.0, "loss": 6.0},
             {"step": 4, "num_tokens": 5800.0, "tokens_per_second_per_device": 500.0, "loss": 5.0}]
-    got = bench_fsdp.measure({"num_processes": 2, "log_history": logs}, warmup_steps=2)
+    got = metrics.real_token_throughput({"num_processes": 2, "log_history": logs}, warmup_steps=2)
     # 4000 tokens in 2 s + 3 s = 5 s over 2 devices: 400 tokens/s/device, 1000 tokens per step per device
     assert got["steps_measured"] == 2 and got["step_seconds"] == pytest.approx(2.5)
     assert got["real_tokens_per_second_per_device"] == pytest.approx(400.0)

@@ -15,11 +15,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-import bfcl_scorer as scorer
-import function_calling as fc
-from eval_bfcl import read_jsonl
 from bfcl_reference import load_official_bfcl
+
+from fcsft import bfcl_checker, bfcl_prompts
+from fcsft.bfcl_data import read_jsonl
 
 bfcl_eval = pytest.importorskip("bfcl_eval", reason="bfcl-eval is installed by `make setup`")
 DATA_DIR = Path(bfcl_eval.__path__[0]) / "data"
@@ -229,8 +228,8 @@ def raw_candidates(functions, rng):
     arg = {req[0]: "x"} if req else {}
     block = lambda payload: f"<tool_call>\n{payload}\n</tool_call>"  # noqa: E731
     good_json = json.dumps({"name": name, "arguments": arg})
-    yield "prose", {d: "I'm sorry, none of the available functions can help with that." for d in scorer.BFCL_DECODERS}
-    yield "empty", {d: "" for d in scorer.BFCL_DECODERS}
+    yield "prose", {d: "I'm sorry, none of the available functions can help with that." for d in bfcl_checker.BFCL_DECODERS}
+    yield "empty", {d: "" for d in bfcl_checker.BFCL_DECODERS}
     yield "qwen_variants", {"qwen": rng.choice([
         block("{not json"), f"<tool_call>{good_json}</tool_call>", block("[1, 2]"), block('"text"'),
         block(json.dumps({"name": name})), block(json.dumps({"name": name, "arguments": json.dumps(arg)})),
@@ -256,7 +255,7 @@ def raw_candidates(functions, rng):
 
 def relevance_candidates(entry, rng):
     if not entry["function"]:  # a few live_irrelevance entries offer no function at all
-        yield "no_functions_prose", {d: "I can't do that." for d in scorer.BFCL_DECODERS}
+        yield "no_functions_prose", {d: "I can't do that." for d in bfcl_checker.BFCL_DECODERS}
         return
     f = entry["function"][0]
     props = f["parameters"]["properties"]
@@ -280,10 +279,10 @@ def render(calls, decoder):
 
 def corpus(category, decoders, seed=0):
     """Yields (entry, answer, label, decoder, raw_output)."""
-    language = scorer.bfcl_language(category)
+    language = bfcl_checker.bfcl_language(category)
     for entry, answer in load(category):
         rng = random.Random(f"{seed}:{entry['id']}")
-        if scorer.is_relevance_category(category):
+        if bfcl_checker.is_relevance_category(category):
             candidates = list(relevance_candidates(entry, rng))
         else:
             candidates = list(ast_candidates(entry, answer, category, rng)) + list(raw_candidates(entry["function"], rng))
@@ -306,12 +305,12 @@ DECODERS_BY_LANGUAGE = {"python": ("qwen", "xlam", "python"), "java": ("qwen", "
 
 @pytest.mark.parametrize("category", CATEGORIES)
 def test_same_verdict_as_official_checker(official, category):
-    decoders = DECODERS_BY_LANGUAGE[scorer.bfcl_language(category)]
+    decoders = DECODERS_BY_LANGUAGE[bfcl_checker.bfcl_language(category)]
     counts, verdicts, mismatches = Counter(), Counter(), []
     for entry, answer, label, decoder, raw in corpus(category, decoders):
         truth = answer["ground_truth"] if answer else None
         expected = official.evaluate(decoder, entry, raw, category, truth)
-        ours = scorer.score_bfcl_entry(entry, raw, category, ground_truth=truth, decoder=decoder)
+        ours = bfcl_checker.score_bfcl_entry(entry, raw, category, ground_truth=truth, decoder=decoder)
         counts[decoder] += 1
         if "crash" in expected:
             verdicts["official_crash"] += 1
@@ -333,13 +332,13 @@ def test_tools_match_official_conversion(official):
         for entry, _ in load(category):
             hinted = official.language_hints(copy.deepcopy(entry["function"]), category)
             expected = official.convert_to_tool(hinted, official.gorilla_to_openapi, official.model_style.FIREWORK_AI)
-            assert fc.bfcl_functions_to_tools(entry["function"], category) == expected, entry["id"]
+            assert bfcl_prompts.bfcl_functions_to_tools(entry["function"], category) == expected, entry["id"]
 
 
 def test_prompt_mode_system_prompt_matches_official(official):
     for category in ("simple_python", "simple_java", "simple_javascript", "live_multiple"):
         entry, _ = load(category)[3]
-        messages, tools = fc.bfcl_chat(entry, category, mode="prompt")
+        messages, tools = bfcl_prompts.bfcl_chat(entry, category, mode="prompt")
         hinted = official.language_hints(copy.deepcopy(entry["function"]), category)
         assert tools is None
         assert messages[0] == {"role": "system", "content": official.formulate_system_prompt(official.default_prompt_format, hinted)}
@@ -348,13 +347,13 @@ def test_prompt_mode_system_prompt_matches_official(official):
 
 def test_decoders_on_known_outputs():
     qwen = '<tool_call>\n{"name": "math.add", "arguments": {"a": 1, "b": [2.5]}}\n</tool_call>\n<tool_call>\n{bad}\n</tool_call>'
-    assert scorer.decode_qwen_tool_calls(qwen) == [{"math.add": {"a": 1, "b": [2.5]}}]
-    assert scorer.decode_qwen_tool_calls("no calls here") == []
-    with pytest.raises(scorer.DecodeError):
-        scorer.decode_qwen_tool_calls('<tool_call>\n[1]\n</tool_call>')
-    assert scorer.decode_xlam_json('[{"name": "f", "arguments": {"x": "y"}}]') == [{"f": {"x": "y"}}]
-    assert scorer.decode_xlam_json('{"name": "f", "arguments": {}}; {"name": "g", "arguments": {}}') == [{"f": {}}, {"g": {}}]
-    assert scorer.decode_python_calls("[a.b(x=1, y='s', z=[1, -2.5], w=(1, 2), v=2*3), c()]") == [
+    assert bfcl_checker.decode_qwen_tool_calls(qwen) == [{"math.add": {"a": 1, "b": [2.5]}}]
+    assert bfcl_checker.decode_qwen_tool_calls("no calls here") == []
+    with pytest.raises(bfcl_checker.DecodeError):
+        bfcl_checker.decode_qwen_tool_calls('<tool_call>\n[1]\n</tool_call>')
+    assert bfcl_checker.decode_xlam_json('[{"name": "f", "arguments": {"x": "y"}}]') == [{"f": {"x": "y"}}]
+    assert bfcl_checker.decode_xlam_json('{"name": "f", "arguments": {}}; {"name": "g", "arguments": {}}') == [{"f": {}}, {"g": {}}]
+    assert bfcl_checker.decode_python_calls("[a.b(x=1, y='s', z=[1, -2.5], w=(1, 2), v=2*3), c()]") == [
         {"a.b": {"x": 1, "y": "s", "z": [1, -2.5], "w": (1, 2), "v": 6}}, {"c": {}}]
 
 
@@ -362,9 +361,9 @@ def test_decoders_on_known_outputs():
 def test_model_output_is_never_executed(tmp_path):
     marker = tmp_path / "executed"
     call = f"__import__('os').system('touch {marker}')"
-    assert scorer.decode_python_calls(f"f(a={call})") == [{"f": {"a": call}}]  # a call without keywords stays text
+    assert bfcl_checker.decode_python_calls(f"f(a={call})") == [{"f": {"a": call}}]  # a call without keywords stays text
     for text in (f"f(a={call} + 1)", f"f(a=lambda: {call})", f"f(a=[{call}][0] * 2)"):
-        assert scorer.score_bfcl_entry({"function": []}, text, "irrelevance", decoder="python")["valid"]  # undecodable
+        assert bfcl_checker.score_bfcl_entry({"function": []}, text, "irrelevance", decoder="python")["valid"]  # undecodable
     assert not marker.exists()
 
 
@@ -376,5 +375,5 @@ def test_where_the_official_checker_raises_ours_reports_invalid(official):
     truth = [{"f": {"items": ["", [{"a": [1]}]]}}]
     raw = '<tool_call>\n{"name": "f", "arguments": {"items": [5]}}\n</tool_call>'
     assert "crash" in official.evaluate("qwen", entry, raw, "simple_python", truth)
-    result = scorer.score_bfcl_entry(entry, raw, "simple_python", ground_truth=truth)
+    result = bfcl_checker.score_bfcl_entry(entry, raw, "simple_python", ground_truth=truth)
     assert not result["valid"] and result["error_type"] == "ast_checker:exception"

@@ -3,21 +3,21 @@ all 3,641 single-turn entries, the `prompts` subcommand against what generation 
 fallback for a family without an official prompt builder."""
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-
-import eval_bfcl
-from eval_bfcl import read_jsonl
-import function_calling as fc
 from bfcl_reference import load_official_bfcl
 from conftest import PYTHON, run
 
+import eval_bfcl
+from fcsft import bfcl_data, bfcl_generation, bfcl_prompts
+from fcsft.bfcl_data import read_jsonl
+from fcsft.errors import UserError
+
 bfcl_eval = pytest.importorskip("bfcl_eval", reason="bfcl-eval is installed by `make setup`")
 DATA_DIR = Path(bfcl_eval.__path__[0]) / "data"
-CATEGORIES = eval_bfcl.NON_LIVE + eval_bfcl.LIVE
+CATEGORIES = bfcl_data.NON_LIVE + bfcl_data.LIVE
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +48,9 @@ def test_bfcl_format_is_the_official_prompt_for_every_entry(official, assets, tm
     assert not different, f"{len(different)} of 3641 prompts differ from the official handler's, e.g. {different[:5]}"
 
     # The chat-template route, as before --prompt-format existed: 0 of 3,641 identical.
-    tokenizer = eval_bfcl.load_tokenizer(assets / "tiny-qwen2")
+    tokenizer = bfcl_generation.load_tokenizer(assets / "tiny-qwen2")
     work = all_entries()
-    chat = eval_bfcl.render_prompts(tokenizer, work, "fc", {"prompt_format": "chat_template", "bfcl_family": "qwen"})
+    chat = bfcl_generation.render_prompts(tokenizer, work, "fc", {"prompt_format": "chat_template", "bfcl_family": "qwen"})
     assert sum(text == expected[entry["id"]] for text, (_, entry) in zip(chat, work)) == 0
 
 
@@ -60,7 +60,7 @@ def test_prompt_mode_is_the_official_prompt_for_every_entry(official):
     for category in CATEGORIES:
         expected = official.official_prompts("qwen", category)
         for entry in read_jsonl(DATA_DIR / f"BFCL_v4_{category}.json"):
-            if fc.bfcl_prompt(entry, category, "prompt", "qwen") != expected[entry["id"]]:
+            if bfcl_prompts.bfcl_prompt(entry, category, "prompt", "qwen") != expected[entry["id"]]:
                 different.append(entry["id"])
     assert not different, f"{len(different)} prompt-mode prompts differ, e.g. {different[:5]}"
 
@@ -88,7 +88,7 @@ def test_prompts_subcommand_is_what_generation_feeds_the_model(assets, tmp_path,
     eval_bfcl.main(["prompts", *args, "--output", str(tmp_path / "prompts.jsonl")])
 
     rows = read_jsonl(tmp_path / "prompts.jsonl")
-    tokenizer = eval_bfcl.load_tokenizer(assets / "tiny-qwen2")
+    tokenizer = bfcl_generation.load_tokenizer(assets / "tiny-qwen2")
     assert len(fed) == len(rows) == 3 * (system_entry + 1) and len(set(fed)) == len(fed)
     assert sorted(fed) == sorted(tuple(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows)
     assert sorted(tokenizer.decode(ids) for ids in fed) == sorted(r["prompt"] for r in rows)
@@ -102,7 +102,7 @@ def test_unknown_family_falls_back_to_the_chat_template_and_says_so(assets, tmp_
     out = tmp_path / "run"
     args = ["--model", str(assets / "tiny-qwen2"), "--data-dir", str(assets / "bfcl_heldout"), "--categories",
             "demo_simple", "--limit", "2", "--max-new-tokens", "2", "--output-dir", str(out)]
-    monkeypatch.setattr(eval_bfcl, "bfcl_family", lambda model_name, model_type: None)
+    monkeypatch.setattr(bfcl_generation, "bfcl_family", lambda model_name, model_type: None)
     eval_bfcl.main(args)
     assert "no official BFCL prompt builder" in capsys.readouterr().err
     generation = json.loads((out / "generation.json").read_text())
@@ -112,26 +112,26 @@ def test_unknown_family_falls_back_to_the_chat_template_and_says_so(assets, tmp_
     assert summary["prompt_format"]["prompt_format"] == "chat_template" and summary["prompt_format"]["fallback"]
     assert "not leaderboard-comparable" in (out / "summary.md").read_text()
     # The chat-template prompt was used: it carries Qwen2.5's default system message.
-    rows = eval_bfcl.render_prompts(eval_bfcl.load_tokenizer(assets / "tiny-qwen2"), [("demo_simple", read_jsonl(
+    rows = bfcl_generation.render_prompts(bfcl_generation.load_tokenizer(assets / "tiny-qwen2"), [("demo_simple", read_jsonl(
         assets / "bfcl_heldout" / "BFCL_v4_demo_simple.json")[0])], "fc", {"prompt_format": "chat_template"})
     assert "You are Qwen, created by Alibaba Cloud" in rows[0]
 
     eval_bfcl.main([*args, "--prompt-format", "chat_template"])  # the same prompts: resumed, nothing generated
     assert "0 prompts to generate" in capsys.readouterr().out
     monkeypatch.undo()  # the qwen family again: `bfcl` now means the official prompt, a different one
-    with pytest.raises(SystemExit) as refused:
+    with pytest.raises(UserError) as refused:
         eval_bfcl.main(args)
     assert "prompt_format: chat_template -> bfcl" in str(refused.value) and "--overwrite" in str(refused.value)
 
 
 def test_family_detection():
-    assert fc.bfcl_family("Qwen/Qwen2.5-3B-Instruct", "qwen2") == "qwen"
-    assert fc.bfcl_family("runs/qwen2.5-3b-xlam", "qwen2") == "qwen"  # a local fine-tune: by architecture
-    assert fc.bfcl_family("/abs/path/model", "qwen3") == "qwen"
-    assert fc.bfcl_family("MadeAgents/Hammer2.1-3b", "qwen2") == "hammer"  # own official handler, none here yet
-    assert fc.bfcl_family("Salesforce/xLAM-2-3b-fc-r", "qwen2") == "xlam"
-    assert fc.bfcl_family("facebook/opt-1.3b", "opt") is None
-    fallback = eval_bfcl.resolve_prompt_format("MadeAgents/Hammer2.1-3b", "qwen2", "bfcl", "fc")
+    assert bfcl_prompts.bfcl_family("Qwen/Qwen2.5-3B-Instruct", "qwen2") == "qwen"
+    assert bfcl_prompts.bfcl_family("runs/qwen2.5-3b-xlam", "qwen2") == "qwen"  # a local fine-tune: by architecture
+    assert bfcl_prompts.bfcl_family("/abs/path/model", "qwen3") == "qwen"
+    assert bfcl_prompts.bfcl_family("MadeAgents/Hammer2.1-3b", "qwen2") == "hammer"  # own official handler, none here yet
+    assert bfcl_prompts.bfcl_family("Salesforce/xLAM-2-3b-fc-r", "qwen2") == "xlam"
+    assert bfcl_prompts.bfcl_family("facebook/opt-1.3b", "opt") is None
+    fallback = bfcl_generation.resolve_prompt_format("MadeAgents/Hammer2.1-3b", "qwen2", "bfcl", "fc")
     assert fallback["prompt_format"] == "chat_template" and "family hammer" in fallback["fallback"]
-    assert eval_bfcl.resolve_prompt_format("Qwen/Qwen3-8B", "qwen3", "bfcl", "prompt")["prompt_format"] == "bfcl"
-    assert eval_bfcl.resolve_prompt_format("Qwen/Qwen3-8B", "qwen3", "chat_template", "fc")["fallback"] is None
+    assert bfcl_generation.resolve_prompt_format("Qwen/Qwen3-8B", "qwen3", "bfcl", "prompt")["prompt_format"] == "bfcl"
+    assert bfcl_generation.resolve_prompt_format("Qwen/Qwen3-8B", "qwen3", "chat_template", "fc")["fallback"] is None

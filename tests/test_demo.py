@@ -6,13 +6,14 @@ import json
 import re
 
 import pytest
+from conftest import ACCELERATE, PYTHON, REPO, run
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-import make_demo_assets
-from conftest import ACCELERATE, PYTHON, REPO, run
-from eval_bfcl import read_jsonl
-from function_calling import bfcl_prompt, xlam_to_messages
+from fcsft import demo_assets
+from fcsft.bfcl_data import read_jsonl
+from fcsft.bfcl_prompts import bfcl_prompt
+from fcsft.chat_formats import xlam_to_messages
 
 pytest.importorskip("bfcl_eval", reason="bfcl-eval is installed by `make setup`")
 
@@ -40,8 +41,8 @@ def test_saved_tokenizer_cuts_text_as_it_was_trained(assets):
 
 
 def test_heldout_split_does_not_depend_on_the_training_size(tmp_path):
-    small, _ = make_demo_assets.write_data(tmp_path / "small", seed=0, n_train=40, n_heldout_per_category=10)
-    large, _ = make_demo_assets.write_data(tmp_path / "large", seed=0, n_train=400, n_heldout_per_category=10)
+    small, _ = demo_assets.write_data(tmp_path / "small", seed=0, n_train=40, n_heldout_per_category=10)
+    large, _ = demo_assets.write_data(tmp_path / "large", seed=0, n_train=400, n_heldout_per_category=10)
     files = sorted(p.relative_to(tmp_path / "small") for p in (tmp_path / "small" / "bfcl_heldout").rglob("*.json"))
     assert len(files) == 9  # 5 categories, 4 with possible answers
     for name in files:
@@ -55,15 +56,15 @@ def test_heldout_split_does_not_depend_on_the_training_size(tmp_path):
 def test_generation_limit_fits_every_heldout_answer(assets, tmp_path):
     """`make demo` generates at most DEMO_MAX_NEW_TOKENS tokens: a longer answer would be cut off and could never pass."""
     limit = int(re.search(r"^DEMO_MAX_NEW_TOKENS := (\d+)", (REPO / "Makefile").read_text(), re.M).group(1))
-    _, heldout_calls = make_demo_assets.write_data(tmp_path, seed=0, n_train=10, n_heldout_per_category=10)
+    _, heldout_calls = demo_assets.write_data(tmp_path, seed=0, n_train=10, n_heldout_per_category=10)
     tokenizer = AutoTokenizer.from_pretrained(assets / "tiny-qwen2")
-    longest = max(heldout_calls, key=lambda calls: len(tokenizer(make_demo_assets.answer_text(calls))["input_ids"]))
+    longest = max(heldout_calls, key=lambda calls: len(tokenizer(demo_assets.answer_text(calls))["input_ids"]))
     # answer_text is what the chat template renders for those calls, so its length is what the model must write
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [
             {"type": "function", "function": c} for c in longest]}], tokenize=False)
-    assert make_demo_assets.answer_text(longest) in rendered
-    assert len(longest) == 3 and len(tokenizer(make_demo_assets.answer_text(longest))["input_ids"]) < limit
+    assert demo_assets.answer_text(longest) in rendered
+    assert len(longest) == 3 and len(tokenizer(demo_assets.answer_text(longest))["input_ids"]) < limit
 
 
 @pytest.fixture(scope="module")

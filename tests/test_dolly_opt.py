@@ -9,12 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from conftest import ACCELERATE, FAKE_TOKEN, PYTHON, REPO, RecordingHub, run
 
-import epoch_checkpoints
-import function_calling as fc
-from conftest import ACCELERATE, PYTHON, REPO, run
-
-FAKE_TOKEN = "hf_test_secret_do_not_print_123"
+from fcsft import callbacks, chat_formats, hub, training_data
+from fcsft import recipe as fcsft_recipe
+from fcsft.errors import UserError
 
 # recipes/dolly_opt.yaml scaled to the 48-row sample and CPU: 8 held-out rows, 40 train rows, 2 x 2 rows per step
 # -> 10 steps per epoch, eval every 4 steps (4, 8, 12, 16, 20) plus at each epoch end (10, 20).
@@ -69,16 +68,16 @@ def test_recipe_and_t4_config_are_what_the_issue_asks_for():
 
 
 def test_dolly_rows_to_prompt_completion():
-    with_context = fc.dolly_to_prompt_completion({"instruction": " Summarize. ", "context": "Oslo is in Norway.", "response": "Norway.\n"})
+    with_context = chat_formats.dolly_to_prompt_completion({"instruction": " Summarize. ", "context": "Oslo is in Norway.", "response": "Norway.\n"})
     assert with_context == {"prompt": "### Instruction:\nSummarize.\n\n### Context:\nOslo is in Norway.\n\n### Response:\n",
                             "completion": "Norway."}
-    assert fc.dolly_to_prompt_completion({"instruction": "Hi?", "context": "", "response": "Hello."})["prompt"] == (
+    assert chat_formats.dolly_to_prompt_completion({"instruction": "Hi?", "context": "", "response": "Hello."})["prompt"] == (
         "### Instruction:\nHi?\n\n### Response:\n")
     for row, reason in [({"instruction": " ", "context": "", "response": "x"}, "empty_instruction"),
                         ({"instruction": "q", "context": "c", "response": ""}, "empty_response"),
                         ({"instruction": "q", "context": None, "response": None}, "empty_response")]:
-        with pytest.raises(fc.MalformedRow) as err:
-            fc.dolly_to_prompt_completion(row)
+        with pytest.raises(chat_formats.MalformedRow) as err:
+            chat_formats.dolly_to_prompt_completion(row)
         assert err.value.reason == reason
 
 
@@ -99,7 +98,7 @@ def test_loss_is_on_the_response_and_eos_only(assets, dolly_recipe, tmp_path):
     examples = proc.stdout.split("=== example ")[1:]
     assert len(examples) == 8
     # (untrained, trained) as they must render: OPT's </s> + our prompt template, then the response + the EOS TRL appends
-    expected = {("</s>" + fc.dolly_to_prompt_completion(r)["prompt"], r["response"] + "</s>") for r in rows}
+    expected = {("</s>" + chat_formats.dolly_to_prompt_completion(r)["prompt"], r["response"] + "</s>") for r in rows}
     for text in examples:
         assert text.count("⟦") == 1 and text.count("⟧") == 1, text
         header, rendered = text.split("\n", 1)
@@ -166,35 +165,6 @@ def test_unreachable_hub_stops_both_fsdp_ranks_before_training(dolly_recipe, tmp
 # --- the hub push --------------------------------------------------------------------------------------------------------
 
 
-class RecordingHub:
-    """Stands in for huggingface_hub.HfApi: records calls, and the files each upload would send."""
-
-    def __init__(self, fail_on=None):
-        self.calls, self.fail_on = [], fail_on
-
-    def _record(self, name, **kwargs):
-        self.calls.append((name, kwargs))
-        if name == self.fail_on:
-            raise ConnectionError(f"could not reach huggingface.co (Authorization: Bearer {FAKE_TOKEN})")
-
-    def whoami(self):
-        self._record("whoami")
-        return {"name": "tester"}
-
-    def create_repo(self, repo_id, private=None, exist_ok=False):
-        self._record("create_repo", repo_id=repo_id, private=private, exist_ok=exist_ok)
-
-    def create_branch(self, repo_id, branch, exist_ok=False):
-        self._record("create_branch", repo_id=repo_id, branch=branch, exist_ok=exist_ok)
-
-    def upload_folder(self, repo_id, folder_path, revision=None, commit_message=None):
-        from pathlib import Path
-
-        files = sorted(p.name for p in Path(folder_path).iterdir())
-        self._record("upload_folder", repo_id=repo_id, folder=folder_path, revision=revision, files=files,
-                     commit_message=commit_message)
-
-
 @pytest.fixture
 def in_process(monkeypatch):
     """Train in this process (one process, no FSDP), leaving accelerate's singletons and torch's threads as found."""
@@ -211,19 +181,17 @@ def in_process(monkeypatch):
 
 def test_each_epoch_goes_to_a_branch_and_a_repo(dolly_recipe, tmp_path, monkeypatch, capfd, in_process):
     """A real Trainer loop with the callback, the client built from HF_TOKEN replaced by a recorder."""
-    import train_sft
-    import training_data
     from trl import SFTTrainer
 
     hub = RecordingHub()
-    monkeypatch.setattr(epoch_checkpoints, "make_hub_client", lambda token: hub if token == FAKE_TOKEN else None)
+    monkeypatch.setattr(callbacks, "make_hub_client", lambda token: hub if token == FAKE_TOKEN else None)
     recipe = dolly_recipe(per_device_train_batch_size=4, save_strategy="no", activation_checkpointing=False,
                           hub_push_epochs="both", hub_model_id="tester/tiny-opt-dolly")
-    script_args, training_args, model_args = train_sft.parse_recipe([str(recipe)])
+    script_args, training_args, model_args = fcsft_recipe.parse_recipe([str(recipe)])
     train_dataset, eval_dataset, _ = training_data.build_datasets(script_args, training_args.seed)
     trainer = SFTTrainer(model=model_args.model_name_or_path, args=training_args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset)
-    trainer.add_callback(epoch_checkpoints.EpochCheckpointCallback(trainer, script_args, recipe_path=str(recipe)))
+    trainer.add_callback(callbacks.EpochCheckpointCallback(trainer, script_args, recipe_path=str(recipe)))
     trainer.train()
 
     out = tmp_path / "out"
@@ -276,12 +244,12 @@ STATE = SimpleNamespace(log_history=[], global_step=10, max_steps=20, num_train_
 
 def test_failed_push_keeps_the_checkpoint_and_says_how_to_retry(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    callback = epoch_checkpoints.EpochCheckpointCallback(_fake_trainer(tmp_path), SCRIPT_ARGS, hub_client=RecordingHub(fail_on="upload_folder"))
-    with pytest.raises(epoch_checkpoints.HubPushError) as err:
+    callback = callbacks.EpochCheckpointCallback(_fake_trainer(tmp_path), SCRIPT_ARGS, hub_client=RecordingHub(fail_on="upload_folder"))
+    with pytest.raises(hub.HubPushError) as err:
         callback.save_epoch(1, 1.25, STATE)
     folder = tmp_path / "checkpoints" / "ep1"
     message = str(err.value)
-    assert f"pushing epoch 1 to tester/tiny-opt-dolly@epoch-1 failed: ConnectionError" in message
+    assert "pushing epoch 1 to tester/tiny-opt-dolly@epoch-1 failed: ConnectionError" in message
     assert f"The checkpoint is saved at {folder}; push it later with: hf upload tester/tiny-opt-dolly {folder} --revision epoch-1" in message
     assert FAKE_TOKEN not in message and "***" in message
     assert (folder / "model.safetensors").is_file() and "1.2500" in (folder / "README.md").read_text()
@@ -290,23 +258,23 @@ def test_failed_push_keeps_the_checkpoint_and_says_how_to_retry(tmp_path, monkey
 def test_hub_problems_stop_the_run_before_the_first_step(tmp_path, monkeypatch):
     # No token in the environment.
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    callback = epoch_checkpoints.EpochCheckpointCallback(_fake_trainer(tmp_path), SCRIPT_ARGS, hub_client=RecordingHub())
-    with pytest.raises(SystemExit, match="needs a write token in the HF_TOKEN environment variable"):
+    callback = callbacks.EpochCheckpointCallback(_fake_trainer(tmp_path), SCRIPT_ARGS, hub_client=RecordingHub())
+    with pytest.raises(UserError, match="needs a write token in the HF_TOKEN environment variable"):
         callback.on_train_begin(None, STATE, None)
     # The real HfApi with the hub unreachable (HF_HUB_OFFLINE=1 here, as in an air-gapped job).
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    callback = epoch_checkpoints.EpochCheckpointCallback(_fake_trainer(tmp_path), SCRIPT_ARGS)
-    with pytest.raises(SystemExit) as err:
+    callback = callbacks.EpochCheckpointCallback(_fake_trainer(tmp_path), SCRIPT_ARGS)
+    with pytest.raises(UserError) as err:
         callback.on_train_begin(None, STATE, None)
     assert "cannot reach or write to the Hugging Face Hub for hub_push_epochs=branch" in str(err.value)
     assert FAKE_TOKEN not in str(err.value)
     # Misconfigurations are caught when the callback is built.
-    with pytest.raises(SystemExit, match="needs hub_model_id"):
-        epoch_checkpoints.EpochCheckpointCallback(_fake_trainer(tmp_path, hub_model_id=None), SCRIPT_ARGS)
-    with pytest.raises(SystemExit, match="export HF_TOKEN instead"):
-        epoch_checkpoints.EpochCheckpointCallback(_fake_trainer(tmp_path, hub_token="hf_x"), SCRIPT_ARGS)
-    with pytest.raises(SystemExit, match="is not one of"):
-        epoch_checkpoints.EpochCheckpointCallback(_fake_trainer(tmp_path), SimpleNamespace(hub_push_epochs="tag"))
+    with pytest.raises(UserError, match="needs hub_model_id"):
+        callbacks.EpochCheckpointCallback(_fake_trainer(tmp_path, hub_model_id=None), SCRIPT_ARGS)
+    with pytest.raises(UserError, match="export HF_TOKEN instead"):
+        callbacks.EpochCheckpointCallback(_fake_trainer(tmp_path, hub_token="hf_x"), SCRIPT_ARGS)
+    with pytest.raises(UserError, match="is not one of"):
+        callbacks.EpochCheckpointCallback(_fake_trainer(tmp_path), SimpleNamespace(hub_push_epochs="tag"))
 
 
 # --- fp16 loss scaling under FSDP2 --------------------------------------------------------------------------------------

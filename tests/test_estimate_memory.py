@@ -5,16 +5,17 @@ import subprocess
 
 import pytest
 import torch
-
-import estimate_memory as em
 from conftest import PYTHON, REPO
 
-QWEN3B = em.ARCHITECTURES["qwen2.5-3b"]
+from fcsft import memory_estimate
+from fcsft.metrics import GPUS
+
+QWEN3B = memory_estimate.ARCHITECTURES["qwen2.5-3b"]
 
 
 def test_parameter_counts_match_the_architectures_table():
     # REFERENCE.md: 0.49B, 1.54B, 3.09B, 1.32B; exact values are what transformers builds from these configs
-    totals = {name: em.parameter_counts(em.shape_of(config))["total"] for name, config in em.ARCHITECTURES.items()}
+    totals = {name: memory_estimate.parameter_counts(memory_estimate.shape_of(config))["total"] for name, config in memory_estimate.ARCHITECTURES.items()}
     assert totals == {"qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-3b": 3_085_938_688,
                       "opt-1.3b": 1_315_758_080}
 
@@ -24,21 +25,21 @@ def test_parameter_counts_equal_the_transformers_model(name):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**em.ARCHITECTURES[name]))
-    assert sum(p.numel() for p in model.parameters()) == em.parameter_counts(em.shape_of(em.ARCHITECTURES[name]))["total"]
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**memory_estimate.ARCHITECTURES[name]))
+    assert sum(p.numel() for p in model.parameters()) == memory_estimate.parameter_counts(memory_estimate.shape_of(memory_estimate.ARCHITECTURES[name]))["total"]
 
 
 def test_lora_parameters_by_hand():
     # Qwen2.5-3B, r=16 on q,k,v,o,gate,up,down: 16 * [(2048+2048) + 2*(2048+256) + (2048+2048) + 2*(2048+11008)
     # + (11008+2048)] = 831,488 per layer, x 36 layers
-    assert em.lora_parameters(em.shape_of(QWEN3B), 16) == 36 * 831_488 == 29_933_568
+    assert memory_estimate.lora_parameters(memory_estimate.shape_of(QWEN3B), 16) == 36 * 831_488 == 29_933_568
 
 
 def test_fsdp_full_shard_states_by_hand():
     # 3.086B params over 8 GPUs, fp32 master copies (accelerate upcasts under bf16 mixed precision):
     # params 4 B, grads 4 B, AdamW 8 B per parameter, each divided by 8
-    setup = em.Setup(world_size=8, strategy="full_shard", dtype="bfloat16", mixed_precision="bf16")
-    result = em.estimate(QWEN3B, setup)
+    setup = memory_estimate.Setup(world_size=8, strategy="full_shard", dtype="bfloat16", mixed_precision="bf16")
+    result = memory_estimate.estimate(QWEN3B, setup)
     n = 3_085_938_688
     assert result["parameters"] == n * 4 / 8
     assert result["gradients"] == n * 4 / 8
@@ -47,35 +48,35 @@ def test_fsdp_full_shard_states_by_hand():
 
 def test_ddp_keeps_full_copies_and_buckets():
     # DDP does not upcast: a bf16-loaded model trains in bf16 (2 B params, 2 B grads + 2 B buckets, 4 B AdamW)
-    n = em.ARCHITECTURES["qwen2.5-1.5b"]
-    result = em.estimate(n, em.Setup(world_size=8, strategy="ddp"))
+    n = memory_estimate.ARCHITECTURES["qwen2.5-1.5b"]
+    result = memory_estimate.estimate(n, memory_estimate.Setup(world_size=8, strategy="ddp"))
     total = 1_543_714_304
     assert result["parameters"] == total * 2 and result["gradients"] == total * 4 and result["optimizer"] == total * 4
 
 
 def test_flops_per_token_by_hand():
     # tied embeddings: the matrix is the LM head, counted once; 12*L*d*s for attention
-    assert em.flops_per_token(QWEN3B, 0) == 6 * 3_085_938_688
-    assert em.flops_per_token(QWEN3B, 500) == 6 * 3_085_938_688 + 12 * 36 * 2048 * 500
+    assert memory_estimate.flops_per_token(QWEN3B, 0) == 6 * 3_085_938_688
+    assert memory_estimate.flops_per_token(QWEN3B, 500) == 6 * 3_085_938_688 + 12 * 36 * 2048 * 500
     # OPT: learned positions are a lookup, not a matmul
-    opt = em.ARCHITECTURES["opt-1.3b"]
-    assert em.flops_per_token(opt, 0) == 6 * (1_315_758_080 - 2050 * 2048)
+    opt = memory_estimate.ARCHITECTURES["opt-1.3b"]
+    assert memory_estimate.flops_per_token(opt, 0) == 6 * (1_315_758_080 - 2050 * 2048)
 
 
 def test_knobs_move_memory_the_right_way():
-    base = em.Setup(world_size=8, batch_size=16, seq_len=1024)
-    plain = em.estimate(QWEN3B, base)
-    checkpointed = em.estimate(QWEN3B, em.Setup(**{**base.__dict__, "activation_checkpointing": True}))
-    zero2 = em.estimate(QWEN3B, em.Setup(**{**base.__dict__, "strategy": "shard_grad_op"}))
-    lora = em.estimate(QWEN3B, em.Setup(**{**base.__dict__, "lora_r": 16}))
+    base = memory_estimate.Setup(world_size=8, batch_size=16, seq_len=1024)
+    plain = memory_estimate.estimate(QWEN3B, base)
+    checkpointed = memory_estimate.estimate(QWEN3B, memory_estimate.Setup(**{**base.__dict__, "activation_checkpointing": True}))
+    zero2 = memory_estimate.estimate(QWEN3B, memory_estimate.Setup(**{**base.__dict__, "strategy": "shard_grad_op"}))
+    lora = memory_estimate.estimate(QWEN3B, memory_estimate.Setup(**{**base.__dict__, "lora_r": 16}))
     assert checkpointed["activations"] < plain["activations"] / 10
-    counts = em.parameter_counts(em.shape_of(QWEN3B))
+    counts = memory_estimate.parameter_counts(memory_estimate.shape_of(QWEN3B))
     layer = counts["layer_linear"] + counts["layer_other"]
     assert zero2["temporary"] - plain["temporary"] == (36 - 1) * layer * 2  # every layer stays gathered, not one (bf16)
     assert lora["optimizer"] < plain["optimizer"] / 50
     # padding-free with SDPA: the block-diagonal mask spans the whole micro-batch, so it grows with its square
-    free = em.estimate(QWEN3B, em.Setup(**{**base.__dict__, "padding_free": True, "seq_len": 512}))
-    free2 = em.estimate(QWEN3B, em.Setup(**{**base.__dict__, "padding_free": True, "seq_len": 512, "batch_size": 32}))
+    free = memory_estimate.estimate(QWEN3B, memory_estimate.Setup(**{**base.__dict__, "padding_free": True, "seq_len": 512}))
+    free2 = memory_estimate.estimate(QWEN3B, memory_estimate.Setup(**{**base.__dict__, "padding_free": True, "seq_len": 512, "batch_size": 32}))
     assert free2["activations"] > 2 * free["activations"]
 
 
@@ -155,7 +156,7 @@ def test_activation_count_equals_saved_tensors(family, dtype, lora_r):
     measured = _saved_bytes_per_token(model, decoder.layers[0], batch=4, length=128)
     c = 2 if dtype == torch.bfloat16 else 4
     # on CPU dropout keeps its mask in the compute dtype (bool on CUDA)
-    predicted = em.activation_bytes_per_token_per_layer(em.shape_of(json.loads(config.to_json_string())), c, lora_r,
+    predicted = memory_estimate.activation_bytes_per_token_per_layer(memory_estimate.shape_of(json.loads(config.to_json_string())), c, lora_r,
                                                         attention_mask_span=128, dropout_mask_bytes=c)
     assert predicted == pytest.approx(measured, rel=0.005)
 
@@ -171,8 +172,8 @@ def test_states_equal_a_real_adamw_step(assets):
     optimizer.step()
     nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
     state = [v for s in optimizer.state.values() for k, v in s.items() if k != "step"]
-    result = em.estimate(em.load_config(assets / "tiny-qwen2"),
-                         em.Setup(world_size=1, strategy="single", dtype="float32", mixed_precision="no"))
+    result = memory_estimate.estimate(memory_estimate.load_config(assets / "tiny-qwen2"),
+                         memory_estimate.Setup(world_size=1, strategy="single", dtype="float32", mixed_precision="no"))
     assert result["parameters"] == nbytes(model.parameters())
     assert result["gradients"] == nbytes(p.grad for p in model.parameters())
     assert result["optimizer"] == nbytes(state)
@@ -184,19 +185,19 @@ def test_states_equal_a_real_adamw_step(assets):
 def test_context_parallelism_divides_the_sequence_activations():
     # cp devices share each sequence: activations are those of 1/cp of its tokens, with the mask dropped (plain causal
     # attention, k/v at the kv heads, as with FlashAttention); states stay sharded over the whole world size
-    cp = em.estimate(QWEN3B, em.Setup(world_size=8, batch_size=1, seq_len=16384, cp_size=2))
-    half = em.estimate(QWEN3B, em.Setup(world_size=8, batch_size=1, seq_len=8192, attention="flash_attention_2"))
+    cp = memory_estimate.estimate(QWEN3B, memory_estimate.Setup(world_size=8, batch_size=1, seq_len=16384, cp_size=2))
+    half = memory_estimate.estimate(QWEN3B, memory_estimate.Setup(world_size=8, batch_size=1, seq_len=8192, attention="flash_attention_2"))
     assert cp["activations"] == half["activations"]
     assert (cp["parameters"], cp["gradients"], cp["optimizer"]) == (half["parameters"], half["gradients"], half["optimizer"])
-    s = em.shape_of(QWEN3B)
+    s = memory_estimate.shape_of(QWEN3B)
     kv = s.d // s.heads * s.kv_heads
     assert cp["temporary"] - half["temporary"] == 2 * 16384 * kv * 2  # one layer's all-gathered k and v (bf16)
-    quarter = em.estimate(QWEN3B, em.Setup(world_size=8, batch_size=1, seq_len=16384, cp_size=4))
+    quarter = memory_estimate.estimate(QWEN3B, memory_estimate.Setup(world_size=8, batch_size=1, seq_len=16384, cp_size=4))
     assert quarter["activations"] == pytest.approx(cp["activations"] / 2)
     for bad in (dict(cp_size=3), dict(cp_size=2, strategy="ddp"), dict(cp_size=2, padding_free=True),
                 dict(cp_size=2, attention="flash_attention_2")):
         with pytest.raises(ValueError):
-            em.estimate(QWEN3B, em.Setup(world_size=8, batch_size=1, seq_len=16384, **bad))
+            memory_estimate.estimate(QWEN3B, memory_estimate.Setup(world_size=8, batch_size=1, seq_len=16384, **bad))
 
 
 def test_long_context_recipes_fit_8_h100s_as_their_headers_say():
@@ -206,16 +207,16 @@ def test_long_context_recipes_fit_8_h100s_as_their_headers_say():
 
     def setup(recipe, **changes):
         r = yaml.safe_load((REPO / "recipes" / recipe).read_text())
-        return em.Setup(world_size=8, batch_size=r["per_device_train_batch_size"], seq_len=r["max_length"],
+        return memory_estimate.Setup(world_size=8, batch_size=r["per_device_train_batch_size"], seq_len=r["max_length"],
                         padding_free=r.get("packing", False), activation_checkpointing=r["activation_checkpointing"],
                         gradient_accumulation_steps=r["gradient_accumulation_steps"], **changes)
 
     for recipe, changes in (("xlam_8k.yaml", {}), ("xlam_16k.yaml", {}), ("xlam_16k_cp.yaml", {"cp_size": 2})):
-        result = em.estimate(QWEN3B, setup(recipe, **changes))
-        assert result["peak"] * 1.10 / em.GiB <= em.GPUS_GB["h100"]
+        result = memory_estimate.estimate(QWEN3B, setup(recipe, **changes))
+        assert result["peak"] * 1.10 / memory_estimate.GiB <= GPUS["h100"]["usable_gib"]
         assert f"Estimated peak per H100{':' if 'cp' not in recipe else ' for full 16,384-token rows:'} " \
-               f"{result['peak'] / em.GiB:.1f} GiB" in (REPO / "recipes" / recipe).read_text()
+               f"{result['peak'] / memory_estimate.GiB:.1f} GiB" in (REPO / "recipes" / recipe).read_text()
     # without context parallelism the cp recipe's 16K tokens and activations do not fit one H100
-    alone = em.estimate(QWEN3B, setup("xlam_16k_cp.yaml"))
-    assert alone["peak"] * 1.10 / em.GiB > em.GPUS_GB["h100"]
-    assert f"{alone['peak'] / em.GiB:.1f} GiB without cp" in (REPO / "recipes" / "xlam_16k_cp.yaml").read_text()
+    alone = memory_estimate.estimate(QWEN3B, setup("xlam_16k_cp.yaml"))
+    assert alone["peak"] * 1.10 / memory_estimate.GiB > GPUS["h100"]["usable_gib"]
+    assert f"{alone['peak'] / memory_estimate.GiB:.1f} GiB without cp" in (REPO / "recipes" / "xlam_16k_cp.yaml").read_text()

@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import correct_qwen_output, qwen_call
 
-import eval_bfcl
-from eval_bfcl import read_jsonl
+from fcsft import bfcl_data, bfcl_generation, bfcl_report
+from fcsft.bfcl_data import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("bfcl_eval", reason="bfcl-eval is installed by `make setup`")
-BFCL_DATA = Path(eval_bfcl.package_data_dir())
+BFCL_DATA = Path(bfcl_data.package_data_dir())
 FAST = ["--max-new-tokens", "6", "--batch-size", "4"]  # the random demo model never stops on its own
 
 
@@ -156,12 +157,12 @@ def test_interrupted_run_resumes_missing_ids_only(bfcl_demo_assets, tmp_path):
 def test_weights_fingerprint_follows_content_not_timestamps(tmp_path):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"\0" * 3_000_000)
-    before = eval_bfcl.weights_fingerprint(tmp_path)
+    before = bfcl_generation.weights_fingerprint(tmp_path)
     weights.write_bytes(b"\0" * 3_000_000)  # rebuilt identically: same fingerprint
-    assert eval_bfcl.weights_fingerprint(tmp_path) == before
+    assert bfcl_generation.weights_fingerprint(tmp_path) == before
     weights.write_bytes(b"\0" * 2_999_999 + b"\1")  # retrained: different
-    assert eval_bfcl.weights_fingerprint(tmp_path) != before
-    assert eval_bfcl.weights_fingerprint("Qwen/Qwen2.5-3B-Instruct") is None  # hub ids are identified by name
+    assert bfcl_generation.weights_fingerprint(tmp_path) != before
+    assert bfcl_generation.weights_fingerprint("Qwen/Qwen2.5-3B-Instruct") is None  # hub ids are identified by name
 
 
 def test_multi_process_generation_merges_rank_files(bfcl_demo_assets, tmp_path):
@@ -178,22 +179,6 @@ def test_multi_process_generation_merges_rank_files(bfcl_demo_assets, tmp_path):
 
 
 # --- Scoring without a model -------------------------------------------------------------------------------------
-
-
-def qwen_call(name, arguments):
-    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
-
-
-def first_allowed(values):
-    value = next(v for v in values if v != "")
-    if isinstance(value, dict):  # dict answers list allowed values per key
-        return {k: first_allowed(v) for k, v in value.items() if any(x != "" for x in v)}
-    return value
-
-
-def correct_qwen_output(answer):
-    return "\n".join(qwen_call(name, {p: first_allowed(v) for p, v in params.items() if any(x != "" for x in v)})
-                     for call in answer["ground_truth"] for name, params in call.items())
 
 
 def test_score_bfcl_layout_without_model(tmp_path):
@@ -255,7 +240,7 @@ def test_aggregates_match_hand_computed_numbers():
         "live_parallel": s(0.50, 16), "live_parallel_multiple": s(0.25, 24), "live_irrelevance": s(0.40, 884),
         "live_relevance": s(0.875, 16), "demo_simple": s(0.5, 10), "demo_parallel": s(0.1, 30),
     }
-    agg = eval_bfcl.aggregate_scores(scores)
+    agg = bfcl_report.aggregate_scores(scores)
     assert agg["Simple AST"]["accuracy"] == pytest.approx(0.60)  # (0.9 + 0.6 + 0.3) / 3
     assert agg["Non-Live AST"]["accuracy"] == pytest.approx(0.65)  # (0.6 + 0.8 + 0.7 + 0.5) / 4
     # (0.75*258 + 0.65*1053 + 0.5*16 + 0.25*24) / 1351 = 891.95 / 1351
@@ -264,7 +249,7 @@ def test_aggregates_match_hand_computed_numbers():
     assert agg["Relevance"]["accuracy"] == pytest.approx(0.875)
     assert agg["overall (custom)"]["accuracy"] == pytest.approx(0.3)  # (0.5 + 0.1) / 2, unweighted
 
-    partial = eval_bfcl.aggregate_scores({"simple_python": s(0.9, 400), "live_simple": s(0.5, 10)})
+    partial = bfcl_report.aggregate_scores({"simple_python": s(0.9, 400), "live_simple": s(0.5, 10)})
     assert partial["Simple AST"] == {**partial["Simple AST"], "accuracy": None, "status": "incomplete (missing simple_java, simple_javascript)"}
     assert partial["Non-Live AST"]["accuracy"] is None and partial["Irrelevance"]["status"] == "not run"
     assert partial["Live AST"]["status"].startswith("incomplete") and "overall (custom)" not in partial
@@ -275,7 +260,7 @@ def test_aggregates_match_hand_computed_numbers():
 
 def test_call_outcome_hand_worked_cases():
     """decodes as calls -> right function(s) -> right arguments, on cases worked out by hand."""
-    from bfcl_scorer import call_outcome, score_bfcl_entry
+    from fcsft.bfcl_checker import call_outcome, score_bfcl_entry
 
     weather = {"name": "weather", "parameters": {"type": "dict", "required": ["city"],
                                                  "properties": {"city": {"type": "string"}}}}

@@ -11,10 +11,9 @@ import json
 import pytest
 import torch
 import yaml
-
-import bench_fsdp
-import estimate_memory
 from conftest import ACCELERATE, PYTHON, REPO, run
+
+from fcsft import bench, distributed, memory_estimate
 
 pytestmark = pytest.mark.gpu
 
@@ -41,7 +40,7 @@ LOSS_RTOL = 0.02  # bf16: the same batch through other kernels gives the same fi
 
 def launch(config, recipe_path, timeout=900):
     return run([ACCELERATE, "launch", "--config_file", REPO / "accelerate_configs" / config, "--num_processes", GPUS,
-                "--main_process_port", bench_fsdp.free_port(), "train_sft.py", recipe_path], timeout=timeout)
+                "--main_process_port", distributed.free_port(), "train_sft.py", recipe_path], timeout=timeout)
 
 
 def losses(summary):
@@ -49,12 +48,12 @@ def losses(summary):
 
 
 def peak_allocated_bytes(summary):
-    return max(r["peak_allocated_gb"] for r in summary["peak_memory_per_rank"]) * 2**30
+    return max(r["peak_allocated_gib"] for r in summary["peak_memory_per_rank"]) * 2**30
 
 
 @pytest.fixture(scope="module")
 def qwen_dir(assets, tmp_path_factory):
-    return bench_fsdp.random_init_model_dir("qwen2.5-0.5b", assets / "tiny-qwen2", tmp_path_factory.mktemp("models"))
+    return bench.random_init_model_dir("qwen2.5-0.5b", assets / "tiny-qwen2", tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +93,8 @@ def test_bf16_fsdp2_trains_in_bf16_on_fp32_masters_and_saves_a_loadable_model(qw
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, device_map={"": "cuda"})
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert not any(type(p).__name__ == "DTensor" for p in model.parameters())
-    assert sum(p.numel() for p in model.parameters()) == estimate_memory.parameter_counts(
-        estimate_memory.shape_of(estimate_memory.ARCHITECTURES["qwen2.5-0.5b"]))["total"]
+    assert sum(p.numel() for p in model.parameters()) == memory_estimate.parameter_counts(
+        memory_estimate.shape_of(memory_estimate.ARCHITECTURES["qwen2.5-0.5b"]))["total"]
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "weather in Oslo?"}], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True).to("cuda")
     generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
@@ -106,10 +105,10 @@ def test_bf16_fsdp2_trains_in_bf16_on_fp32_masters_and_saves_a_loadable_model(qw
 def test_peak_memory_is_within_10_percent_of_estimate_memory(qwen_run, assets, name):
     _, summary, recipe = qwen_run(name)
     data = assets / "xlam_sample" / "train.jsonl"
-    lengths, completions = bench_fsdp.token_lengths(data, assets / "tiny-qwen2")
-    knobs = {**bench_fsdp.REFERENCE_KNOBS, **{k: recipe[k] for k in bench_fsdp.REFERENCE_KNOBS if k in recipe}}
-    estimate = bench_fsdp.estimate_run(estimate_memory.load_config(recipe["model_name_or_path"]), knobs, "full_shard",
-                                       lengths, bench_fsdp.describe_lengths(lengths, completions)["assistant_token_fraction"],
+    lengths, completions = bench.token_lengths(data, assets / "tiny-qwen2")
+    knobs = {**bench.REFERENCE_KNOBS, **{k: recipe[k] for k in bench.REFERENCE_KNOBS if k in recipe}}
+    estimate = bench.estimate_run(memory_estimate.load_config(recipe["model_name_or_path"]), knobs, "full_shard",
+                                       lengths, bench.describe_lengths(lengths, completions)["assistant_token_fraction"],
                                        STEPS, GPUS, on_gpu=True)
     measured = peak_allocated_bytes(summary)
     assert abs(estimate["peak"] - measured) / measured < 0.10, (estimate["peak"] / 2**30, measured / 2**30)
@@ -149,7 +148,7 @@ def test_qlora_under_fsdp2_trains_a_complete_adapter_in_less_memory_than_lora(qw
 def test_fp16_t4_config_scales_the_loss(assets, tmp_path):
     """recipes/dolly_opt.yaml with accelerate_configs/fsdp_t4x2_fp16.yaml on OPT-1.3B: fp16 compute, dynamic loss scale.
     A large learning rate forces fp16 overflows, so the scale must drop (GradScaler halves it on each skipped step)."""
-    model = bench_fsdp.random_init_model_dir("opt-1.3b", assets / "tiny-opt", tmp_path / "models")
+    model = bench.random_init_model_dir("opt-1.3b", assets / "tiny-opt", tmp_path / "models")
     recipe = yaml.safe_load((REPO / "recipes" / "dolly_opt.yaml").read_text())
     recipe.update(model_name_or_path=str(model), dataset_name=str(assets / "dolly_sample" / "train.jsonl"),
                   output_dir=str(tmp_path / "out"), report_to="none", max_steps=12, logging_steps=1, learning_rate=5e-3,

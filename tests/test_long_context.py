@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 import yaml
-
-import train_sft
 from conftest import ACCELERATE, REPO, run
+
+from fcsft import recipe as fcsft_recipe
+from fcsft.errors import UserError
 
 
 def test_packed_8k_recipe_trains_through_fsdp(assets, tmp_path):
@@ -72,12 +73,12 @@ def test_context_parallel_config_and_recipe_agree(monkeypatch):
     assert config.fsdp_config["fsdp_version"] == 2 and not config.fsdp_config["fsdp_activation_checkpointing"]
     # what accelerate launch exports to each process, read by train_sft.py
     monkeypatch.setenv("PARALLELISM_CONFIG_CP_SIZE", str(cp))
-    _, training_args, model_args = train_sft.parse_recipe(
+    _, training_args, model_args = fcsft_recipe.parse_recipe(
         [str(REPO / "recipes" / "xlam_16k_cp.yaml"), "--bf16", "false"])  # bf16 off: no GPU here
     assert not training_args.packing and model_args.attn_implementation == "sdpa"
     assert training_args.pad_to_multiple_of % (2 * cp) == 0 and training_args.max_length == 16384
-    with pytest.raises(SystemExit, match="packing: true in .*xlam_16k.yaml cannot run with context parallelism"):
-        train_sft.parse_recipe([str(REPO / "recipes" / "xlam_16k.yaml"), "--bf16", "false"])
+    with pytest.raises(UserError, match="packing: true in .*xlam_16k.yaml cannot run with context parallelism"):
+        fcsft_recipe.parse_recipe([str(REPO / "recipes" / "xlam_16k.yaml"), "--bf16", "false"])
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -90,8 +91,8 @@ def test_context_parallel_config_and_recipe_agree(monkeypatch):
 ])
 def test_context_parallel_checks(flags, expected, monkeypatch):
     monkeypatch.delenv("PARALLELISM_CONFIG_CP_SIZE", raising=False)
-    _, training_args, model_args = train_sft.parse_recipe(
+    _, training_args, model_args = fcsft_recipe.parse_recipe(
         [str(REPO / "recipes" / "xlam_16k_cp.yaml"), "--bf16", "false", *flags])
-    problem = train_sft.context_parallel_problem(training_args, model_args, "R", cp_size=4)
+    problem = fcsft_recipe.context_parallel_problem(training_args, model_args, "R", cp_size=4)
     assert problem == expected if expected is None else expected in problem
-    assert train_sft.context_parallel_problem(training_args, model_args, "R", cp_size=1) is None
+    assert fcsft_recipe.context_parallel_problem(training_args, model_args, "R", cp_size=1) is None

@@ -10,10 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from conftest import LORA_KILL_AFTER, PYTHON, REPO, run, tiny_linear_layers
 from safetensors.torch import load_file, save_file
 
-import train_sft
-from conftest import LORA_KILL_AFTER, PYTHON, REPO, run, tiny_linear_layers
+from fcsft import callbacks
+from fcsft import recipe as fcsft_recipe
 
 SERIES = yaml.safe_load((REPO / "sweeps" / "phase4_lora_ranks.yaml").read_text())
 
@@ -33,7 +34,7 @@ def test_rank_series_points_are_valid_overrides_with_alpha_tied_to_rank():
     for point in SERIES["points"]:
         overrides = [x for key, value in point.items() for x in (f"--{key}", str(value))]
         # train_sft.py's own parser, as the sweep's command line gives it (bf16 off: there is no GPU here)
-        _, _, model_args = train_sft.parse_recipe([str(REPO / SERIES["recipe"]), *overrides, "--bf16", "false"])
+        _, _, model_args = fcsft_recipe.parse_recipe([str(REPO / SERIES["recipe"]), *overrides, "--bf16", "false"])
         assert model_args.use_peft and model_args.lora_r == point["lora_r"]
         assert model_args.lora_alpha == 2 * model_args.lora_r
 
@@ -94,11 +95,11 @@ def test_a_partial_adapter_stops_every_rank(tmp_path):
                               accelerator=SimpleNamespace(is_main_process=True, num_processes=1))
     save_file({"a.lora_A.weight": torch.zeros(8, 16), "a.lora_B.weight": torch.zeros(16, 8)},
               tmp_path / "adapter_model.safetensors")
-    train_sft.check_saved_adapter(trainer, tmp_path)  # complete: passes
+    callbacks.check_saved_adapter(trainer, tmp_path)  # complete: passes
     save_file({"a.lora_A.weight": torch.zeros(8, 16), "a.lora_B.weight": torch.zeros(8, 8)},  # rank 0's rows only
               tmp_path / "adapter_model.safetensors")
     with pytest.raises(RuntimeError, match=f"the adapter saved in {tmp_path} lacks 1 of the 2 trained tensors"):
-        train_sft.check_saved_adapter(trainer, tmp_path)
+        callbacks.check_saved_adapter(trainer, tmp_path)
 
 
 # --- QLoRA: clear one-line errors before any data or model is loaded ------------------------------------------------
@@ -147,7 +148,7 @@ FSDP_GPU = dict(fsdp=True, mixed_precision="bf16", bitsandbytes_installed=True, 
     ({"load_in_4bit": False}, dict(FSDP_GPU, bitsandbytes_installed=False, cuda_available=False), None),  # plain LoRA
 ])
 def test_quantization_checks(changes, environment, expected):
-    problem = train_sft.quantization_problem(qlora_model_args(**changes), "R", **environment)
+    problem = fcsft_recipe.quantization_problem(qlora_model_args(**changes), "R", **environment)
     if expected is None:
         assert problem is None
     else:
@@ -161,7 +162,7 @@ def test_qlora_recipe_and_its_accelerate_config_agree():
     assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2
     model_args = qlora_model_args()
     assert model_args.load_in_4bit and model_args.bnb_4bit_quant_type == "nf4" and model_args.use_peft
-    assert train_sft.quantization_problem(model_args, "recipes/xlam_qlora.yaml", fsdp=True,
+    assert fcsft_recipe.quantization_problem(model_args, "recipes/xlam_qlora.yaml", fsdp=True,
                                           mixed_precision=config.mixed_precision, bitsandbytes_installed=True,
                                           cuda_available=True) is None
     assert "accelerate_configs/fsdp_qlora.yaml" in (REPO / "recipes" / "xlam_qlora.yaml").read_text()

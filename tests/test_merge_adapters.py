@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
+from conftest import PYTHON, run, tiny_linear_layers
 from safetensors.torch import load_file
 
 import merge_adapters
-from conftest import PYTHON, run, tiny_linear_layers
+from fcsft.errors import UserError
 
 WEIGHTS = (0.7, 0.3)
 
@@ -122,15 +123,15 @@ def test_combined_adapter_output_loads_as_an_adapter(assets, adapters, tmp_path)
     (["--method", "cat", "--weights", "1"], r"1 --weights for 2 adapters"),
 ])
 def test_bad_combinations_stop_before_loading(adapters, argv, message, tmp_path):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(UserError, match=message):
         merge(adapters[0], adapters[2], *argv, "--output", tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
 def test_density_is_required_for_ties_and_dare(adapters, tmp_path):
-    with pytest.raises(SystemExit, match=r"--method dare_linear needs --density in \(0, 1\]"):
+    with pytest.raises(UserError, match=r"--method dare_linear needs --density in \(0, 1\]"):
         merge(*adapters[:2], "--method", "dare_linear", "--output", tmp_path / "x")
-    with pytest.raises(SystemExit, match="is not an adapter folder"):
+    with pytest.raises(UserError, match="is not an adapter folder"):
         merge(tmp_path, "--output", tmp_path / "x")
 
 

@@ -6,13 +6,14 @@ import json
 import shutil
 
 import pytest
+from conftest import FAKE_TOKEN, RecordingHub, correct_qwen_output
 from huggingface_hub import ModelCard
 
-import epoch_checkpoints
 import eval_bfcl
 import model_card
-from test_dolly_opt import FAKE_TOKEN, RecordingHub
-from test_eval_bfcl import correct_qwen_output
+from fcsft import callbacks, metrics
+from fcsft import model_card as fcsft_model_card
+from fcsft.errors import UserError
 
 
 @pytest.fixture
@@ -56,7 +57,7 @@ def test_card_of_a_run_holds_base_data_recipe_hardware_time_and_the_bfcl_table(m
     scores = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert scores == {"overall (custom)": 40.0, "demo_simple": 100.0, "demo_multiple": 0.0, "demo_parallel": 0.0,
                       "demo_parallel_multiple": 0.0, "demo_irrelevance": 100.0}
-    assert {r.dataset_type for r in card.data.eval_results} == {model_card.BFCL_DATASET}
+    assert {r.dataset_type for r in card.data.eval_results} == {fcsft_model_card.BFCL_DATASET}
 
 
 def test_eval_bfcl_writes_its_summary_into_the_card(model_folder, bfcl_results, assets):
@@ -71,8 +72,8 @@ def test_eval_bfcl_writes_its_summary_into_the_card(model_folder, bfcl_results, 
     eval_bfcl.main(["score", "--result-dir", str(limited), "--data-dir", str(assets / "bfcl_heldout"),
                     "--model-card", str(model_folder / "README.md")])
     after = (model_folder / "README.md").read_text()
-    assert after.count(model_card.BFCL_START) == 1 and "| demo_simple | 100.00 | 3 / 3 (of 10) |" in after
-    assert after.split(model_card.BFCL_START)[0].split("---", 2)[2] == before.split(model_card.BFCL_START)[0].split("---", 2)[2]
+    assert after.count(fcsft_model_card.BFCL_START) == 1 and "| demo_simple | 100.00 | 3 / 3 (of 10) |" in after
+    assert after.split(fcsft_model_card.BFCL_START)[0].split("---", 2)[2] == before.split(fcsft_model_card.BFCL_START)[0].split("---", 2)[2]
     assert ModelCard(after).data.eval_results is None  # nothing complete to show as a score
 
 
@@ -81,7 +82,7 @@ def test_cost_is_device_hours_times_the_price():
            "device": "NVIDIA H100 80GB HBM3", "train_seconds": 5400.0, "global_step": 100, "fsdp_version": 2,
            "data": {"sources": [{"path": "Salesforce/xlam-function-calling-60k", "format": "xlam", "rows": 60000,
                                  "skipped": {}, "decontaminated": 0, "taken": 60000, "transforms": {}}]}}
-    text = model_card.run_card("runs/x", run, model_card.DEFAULT_PRICE_PER_GPU_HOUR)
+    text = fcsft_model_card.run_card("runs/x", run, metrics.DEFAULT_PRICE_PER_GPU_HOUR)
     # 1.5 h x 8 GPUs = 12 GPU-hours at the plan's $23/hour for 8 GPUs = $34.50
     assert "| train time | 1h 30m (5,400 s) |" in text and "| device-hours | 12.00 |" in text
     assert "| cost | $34.50 at $2.875 per GPU-hour |" in text
@@ -92,7 +93,7 @@ def test_cost_is_device_hours_times_the_price():
 def test_push_uploads_the_folder_with_the_token_from_the_environment_only(model_folder, bfcl_results, monkeypatch, capfd):
     hub = RecordingHub()
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setattr(epoch_checkpoints, "make_hub_client", lambda token: hub if token == FAKE_TOKEN else None)
+    monkeypatch.setattr(callbacks, "make_hub_client", lambda token: hub if token == FAKE_TOKEN else None)
     model_card.main([str(model_folder), "--bfcl", str(bfcl_results), "--push", "tester/tiny-fc", "--revision", "v1"])
     assert [(name, {k: v for k, v in kw.items() if k not in ("files", "commit_message")}) for name, kw in hub.calls] == [
         ("whoami", {}),
@@ -111,8 +112,8 @@ def test_push_uploads_the_folder_with_the_token_from_the_environment_only(model_
 def test_failed_push_keeps_the_folder_and_says_how_to_retry(model_folder, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     hub = RecordingHub(fail_on="upload_folder")
-    monkeypatch.setattr(epoch_checkpoints, "make_hub_client", lambda token: hub)
-    with pytest.raises(SystemExit) as err:
+    monkeypatch.setattr(callbacks, "make_hub_client", lambda token: hub)
+    with pytest.raises(UserError) as err:
         model_card.main([str(model_folder), "--push", "tester/tiny-fc"])
     message = str(err.value)
     assert f"pushing {model_folder} to tester/tiny-fc failed: ConnectionError" in message
@@ -123,7 +124,7 @@ def test_failed_push_keeps_the_folder_and_says_how_to_retry(model_folder, monkey
     # no token: stops before any hub call, the local card written all the same
     monkeypatch.delenv("HF_TOKEN")
     hub.calls.clear()
-    with pytest.raises(SystemExit, match="--push tester/tiny-fc needs a write token in the HF_TOKEN environment"):
+    with pytest.raises(UserError, match="--push tester/tiny-fc needs a write token in the HF_TOKEN environment"):
         model_card.main([str(model_folder), "--push", "tester/tiny-fc"])
     assert hub.calls == []
 
@@ -135,5 +136,5 @@ def test_a_merged_checkpoint_keeps_its_card_and_gains_the_results(tmp_path, bfcl
     model_card.main([str(folder), "--bfcl", str(bfcl_results)])
     text = (folder / "README.md").read_text()
     assert "| input adapter | weight |" in text and "| demo_simple | 100.00 | 10 / 10 |" in text
-    with pytest.raises(SystemExit, match="has neither run_summary.json"):
+    with pytest.raises(UserError, match="has neither run_summary.json"):
         model_card.main([str(tmp_path / "empty")])

@@ -15,11 +15,19 @@ import time
 import psutil
 import pytest
 import yaml
-
-import estimate_memory
-import step_profile
-import sweep
 from conftest import PYTHON, REPO, run
+
+import sweep
+from fcsft import (
+    bfcl_data,
+    memory_estimate,
+    metrics,
+    step_profile,
+    study_report,
+    sweeps,
+)
+from fcsft import recipe as fcsft_recipe
+from fcsft.errors import UserError
 
 
 def kill_tree(pid):
@@ -38,11 +46,10 @@ def kill_tree(pid):
 def shortest_bfcl_entries(out):
     """BFCL's own format with the official category names (so the leaderboard's aggregates apply), one entry each:
     the one with the shortest prompt, because the tiny model's generation time grows with the longest prompt."""
-    import eval_bfcl
 
     (out / "possible_answer").mkdir(parents=True)
-    for category in eval_bfcl.NON_LIVE + eval_bfcl.LIVE:
-        entries, answers = eval_bfcl.load_category(eval_bfcl.package_data_dir(), category)
+    for category in bfcl_data.NON_LIVE + bfcl_data.LIVE:
+        entries, answers = bfcl_data.load_category(bfcl_data.package_data_dir(), category)
         i = min(range(len(entries)), key=lambda i: len(json.dumps(entries[i])))
         (out / f"BFCL_v4_{category}.json").write_text(json.dumps(entries[i]) + "\n")
         if answers:
@@ -115,12 +122,12 @@ def test_results_table_and_plots_have_every_column(finished_sweep):
         rows = {r["run"]: r for r in csv.DictReader(f)}
     assert list(rows) == ["baseline", "lr_high", "lr_low", "missing_data"]
     for name in ("lr_high", "lr_low"):
-        empty = [c for c in sweep.COLUMNS if rows[name][c] == ""]
+        empty = [c for c in study_report.COLUMNS if rows[name][c] == ""]
         assert not empty, f"{name}: empty columns {empty}"
         r = rows[name]
         assert r["status"] == "done" and r["devices"] == "2" and r["device"].startswith("cpu")
         assert r["settings"] == f"learning_rate={'0.003' if name == 'lr_high' else '0.001'}"  # only what differs
-        assert 0 < float(r["mfu_percent"]) < 100 and 0.1 < float(r["peak_memory_gb_per_gpu"]) < 20
+        assert 0 < float(r["mfu_percent"]) < 100 and 0.1 < float(r["peak_memory_gib_per_gpu"]) < 20
         assert float(r["eval_loss"]) > 0 and float(r["train_loss"]) > 0
         train_command_seconds = point(finished_sweep, name)["seconds"]["train"]  # launch to exit: the node's time
         assert r["train_time_measured"] == "train command, launch to exit"
@@ -172,7 +179,7 @@ def test_report_combines_run_folders(finished_sweep, tmp_path):
     assert plain["bfcl_overall"] == "" and plain["train_time_measured"] == "training loop (run_summary.json)"
     summary = json.loads((out / "lr_high" / "train" / "run_summary.json").read_text())
     assert float(plain["cost_usd"]) == pytest.approx(2 * summary["train_seconds"] / 3600 * 10)
-    flops = estimate_memory.flops_per_token(summary["model_config"], summary["attention_span"])
+    flops = memory_estimate.flops_per_token(summary["model_config"], summary["attention_span"])
     assert float(plain["mfu_percent"]) == pytest.approx(100 * float(plain["real_tokens_per_s_per_gpu"]) * flops / 0.1e12)
     assert float(plain["train_loss"]) == [log["loss"] for log in summary["log_history"] if "loss" in log][-1]
 
@@ -182,12 +189,12 @@ def test_a_folder_of_another_sweep_is_refused(finished_sweep, tmp_path):
     spec["points"].append({"name": "lr_mid", "learning_rate": 2.0e-3})
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(spec))
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(UserError) as err:
         sweep.main([str(changed)])
     assert "holds the runs of another sweep" in str(err.value) and "lr_mid" in str(err.value)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("someone else's")
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(UserError) as err:
         sweep.main([str(changed), "--output-dir", str(tmp_path / "busy")])
     assert "holds no sweep.json" in str(err.value)
 
@@ -196,10 +203,10 @@ def test_a_folder_of_another_sweep_is_refused(finished_sweep, tmp_path):
 
 
 def test_cost_arithmetic_by_hand(tmp_path):
-    assert sweep.DEFAULT_PRICE_PER_GPU_HOUR == 2.875  # the plan: $23 per hour for 8 GPUs
+    assert metrics.DEFAULT_PRICE_PER_GPU_HOUR == 2.875  # the plan: $23 per hour for 8 GPUs
     # 8 GPUs for 30 minutes = 4 GPU-hours = $11.50; +5 points -> $2.30 per point
-    assert sweep.cost_columns(4.0, 5.0, 2.875) == pytest.approx((11.5, 2.3))
-    assert sweep.cost_columns(4.0, -1.0, 2.875) == pytest.approx((11.5, None)) and sweep.cost_columns(4.0, None, 2.875)[1] is None
+    assert study_report.cost_columns(4.0, 5.0, 2.875) == pytest.approx((11.5, 2.3))
+    assert study_report.cost_columns(4.0, -1.0, 2.875) == pytest.approx((11.5, None)) and study_report.cost_columns(4.0, None, 2.875)[1] is None
 
     # The same through report_rows, from run folders written by hand
     def bfcl(non_live, live, irrelevance):
@@ -215,10 +222,10 @@ def test_cost_arithmetic_by_hand(tmp_path):
             {"step": 10, "num_tokens": 81000.0, "tokens_per_second_per_device": 1000.0, "loss": 1.5}, {"step": 10, "eval_loss": 1.7}]
     (tmp_path / "sft" / "train" / "run_summary.json").write_text(json.dumps({
         "num_processes": 8, "train_seconds": 1800.0, "device": "NVIDIA H100 80GB HBM3", "log_history": logs,
-        "model_config": estimate_memory.ARCHITECTURES["qwen2.5-3b"], "attention_span": 600.0,
+        "model_config": memory_estimate.ARCHITECTURES["qwen2.5-3b"], "attention_span": 600.0,
         "peak_memory_per_rank": [{"peak_allocated_gb": 40.0, "peak_reserved_gb": 44.0}] * 8,
         "settings": {"model_name_or_path": "Qwen/Qwen2.5-3B-Instruct", "learning_rate": 2e-5}}))
-    base, sft = sweep.report_rows([tmp_path / "base", tmp_path / "sft"], price_per_gpu_hour=2.875)
+    base, sft = study_report.report_rows([tmp_path / "base", tmp_path / "sft"], price_per_gpu_hour=2.875)
     assert base["baseline"] and base["cost_usd"] == 0 and base["bfcl_overall"] == pytest.approx(65)
     assert sft["gpu_hours"] == pytest.approx(4.0) and sft["cost_usd"] == pytest.approx(11.5)
     assert sft["points_over_baseline"] == pytest.approx(5.0) and sft["usd_per_point"] == pytest.approx(2.3)
@@ -226,7 +233,7 @@ def test_cost_arithmetic_by_hand(tmp_path):
     assert sft["real_tokens_per_s_per_gpu"] == pytest.approx(1000.0)
     # 6 x 3,085,938,688 + 12 x 36 x 2048 x 600 = 19,046,473,728 FLOPs per token against 989 TFLOP/s (H100 bf16)
     assert sft["mfu_percent"] == pytest.approx(100 * 1000 * 19_046_473_728 / 989e12)
-    assert sft["peak_memory_gb_per_gpu"] == pytest.approx(40 * 2**30 / 1e9)
+    assert sft["peak_memory_gib_per_gpu"] == pytest.approx(40.0)
     assert (sft["train_loss"], sft["eval_loss"]) == (1.5, 1.7)
 
 
@@ -237,7 +244,7 @@ def test_grid_one_at_a_time_and_points(tmp_path):
 
     def load(**spec):
         (tmp_path / "s.yaml").write_text(yaml.safe_dump({**base, **spec}, sort_keys=False))
-        return sweep.load_sweep(tmp_path / "s.yaml")
+        return sweeps.load_sweep(tmp_path / "s.yaml")
 
     grid = load(grid={"learning_rate": [1e-5, 5e-5], "accelerate_config": ["accelerate_configs/cpu_fsdp_full.yaml",
                                                                            "accelerate_configs/cpu_fsdp_shard_grad_op.yaml"]})
@@ -253,13 +260,13 @@ def test_grid_one_at_a_time_and_points(tmp_path):
     assert [p.name for p in one.points] == ["baseline", "recipe", "learning_rate=1e-05", "precision=fp32"]  # 2e-5, bf16: the recipe's
     assert one.points[0].baseline_model == "m" and one.points[1].labels == {"learning_rate": "2e-05", "precision": "bf16"}
     assert one.points[3].accelerate_flags == {"mixed_precision": "no"} and one.points[3].overrides == {"bf16": False}
-    train = sweep.train_command(one, one.points[3], tmp_path / "run")
+    train = sweeps.train_command(one, one.points[3], tmp_path / "run")
     assert train[train.index("--mixed_precision") + 1] == "no" and train.index("--mixed_precision") < train.index("train_sft.py")
     assert train[train.index("--bf16") + 1] == "false" and train[-2:] == ["--output_dir", str(tmp_path / "run" / "train")]
 
     listed = load(points=[{"name": "a", "learning_rate": 1e-5}, {"max_length": None}])
     assert [p.name for p in listed.points] == ["a", "max_length=None"]
-    assert sweep.flag_values(None) == ["None"] and sweep.flag_values(["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
+    assert sweeps.flag_values(None) == ["None"] and sweeps.flag_values(["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
 
 
 def test_a_rerun_resumes_training_and_skips_finished_stages(tmp_path, monkeypatch):
@@ -268,7 +275,7 @@ def test_a_rerun_resumes_training_and_skips_finished_stages(tmp_path, monkeypatc
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({
         "recipe": str(recipe), "accelerate_config": "accelerate_configs/cpu_fsdp_full.yaml",
         "points": [{"name": "a", "learning_rate": 1e-5}], "bfcl": {"categories": ["simple_python"]}}))
-    loaded = sweep.load_sweep(tmp_path / "s.yaml", output_dir=tmp_path / "out")
+    loaded = sweeps.load_sweep(tmp_path / "s.yaml", output_dir=tmp_path / "out")
     run_dir = tmp_path / "out" / "a"
     (run_dir / "train" / "checkpoint-8").mkdir(parents=True)
     (run_dir / "train" / "checkpoint-8" / "trainer_state.json").write_text("{}")  # a complete checkpoint
@@ -276,9 +283,9 @@ def test_a_rerun_resumes_training_and_skips_finished_stages(tmp_path, monkeypatc
     (run_dir / "bfcl" / "BFCL_v4_simple_python_result.json").write_text("")  # results of a model that no longer exists
     (run_dir / "point.json").write_text(json.dumps({"status": "running", "attempts": 1, "stages": {}}))  # killed
     commands = []
-    monkeypatch.setattr(sweep, "run_logged", lambda command, *args: commands.append(command) or 0)
+    monkeypatch.setattr(sweeps, "run_logged", lambda command, *args: commands.append(command) or 0)
 
-    record = sweep.run_point(loaded, loaded.points[0], 1, 1, progress_seconds=1)
+    record = sweeps.run_point(loaded, loaded.points[0], 1, 1, progress_seconds=1)
     assert commands[0][-2:] == ["--resume_from_checkpoint", "true"] and "eval_bfcl.py" in commands[1]
     assert not (run_dir / "bfcl").exists()
     assert record["status"] == "done" and record["attempts"] == 2 and record["stages"] == {"train": "done", "eval": "done"}
@@ -286,7 +293,7 @@ def test_a_rerun_resumes_training_and_skips_finished_stages(tmp_path, monkeypatc
     # the evaluation failed after training had finished: the next attempt evaluates only
     (run_dir / "point.json").write_text(json.dumps({**record, "status": "failed", "stages": {"train": "done"}}))
     commands.clear()
-    assert sweep.run_point(loaded, loaded.points[0], 1, 1, progress_seconds=1)["status"] == "done"
+    assert sweeps.run_point(loaded, loaded.points[0], 1, 1, progress_seconds=1)["status"] == "done"
     assert len(commands) == 1 and "eval_bfcl.py" in commands[0]
 
 
@@ -306,7 +313,7 @@ def test_sweep_file_mistakes_stop_before_anything_runs(spec, message, tmp_path):
     recipe.write_text(yaml.safe_dump({"model_name_or_path": "m", "dataset_name": "d.jsonl"}))
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"recipe": str(recipe), "accelerate_config": "accelerate_configs/cpu_fsdp_full.yaml", **spec}))
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(UserError) as err:
         sweep.main([str(path), "--dry-run"])
     assert message in str(err.value) and str(path) in str(err.value)
 
@@ -318,7 +325,7 @@ def test_shipped_sweep_files_validate_and_dry_run(name, capsys):
     assert path.read_text().startswith("# ")  # what the sweep answers
     assert sweep.main([str(path.relative_to(REPO)), "--dry-run", "--output-dir", "/nonexistent/dry-run"]) == 0
     out = capsys.readouterr().out
-    loaded = sweep.load_sweep(path.relative_to(REPO))
+    loaded = sweeps.load_sweep(path.relative_to(REPO))
     assert out.count("would run") == len(loaded.points)
     for p in loaded.points:
         if not p.baseline_model:
@@ -331,7 +338,7 @@ def test_shipped_sweep_files_validate_and_dry_run(name, capsys):
 def test_wandb_sweep_runs_the_same_points(monkeypatch, capsys):
     assert sweep.main(["sweeps/phase3_hyperparameters.yaml", "--wandb-sweep"]) == 0
     config = yaml.safe_load(capsys.readouterr().out)
-    names = [p.name for p in sweep.load_sweep("sweeps/phase3_hyperparameters.yaml").points]
+    names = [p.name for p in sweeps.load_sweep("sweeps/phase3_hyperparameters.yaml").points]
     assert config["parameters"]["point"]["values"] == names and config["method"] == "grid"
     assert config["command"][-2:] == ["sweeps/phase3_hyperparameters.yaml", "${args}"]  # -> sweep.py FILE --point=NAME
 
@@ -345,7 +352,7 @@ def test_wandb_sweep_runs_the_same_points(monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "wandb", type(sys)("wandb"))
     sys.modules["wandb"].init = lambda **kwargs: logged.update(init=kwargs) or StandInRun()
-    sweep.log_to_wandb({"run": "x", "bfcl_overall": 70.0, "cost_usd": 11.5, "usd_per_point": None})
+    sweeps.log_to_wandb({"run": "x", "bfcl_overall": 70.0, "cost_usd": 11.5, "usd_per_point": None})
     assert logged == {"init": {"resume": "allow"}, "sweep/bfcl_overall": 70.0, "sweep/cost_usd": 11.5, "finished": True}
 
 
@@ -376,10 +383,9 @@ def test_breakdown_by_hand():
 
 
 def test_profile_steps_are_checked_when_the_recipe_is_read(demo_recipe):
-    import train_sft
 
     assert step_profile.parse_steps("10-15") == (10, 15) and step_profile.parse_steps(12) == (12, 12)
     for bad in ("15-10", "0-3", "ten"):
-        with pytest.raises(SystemExit) as err:
-            train_sft.parse_recipe([str(demo_recipe()), "--profile_steps", bad])
+        with pytest.raises(UserError) as err:
+            fcsft_recipe.parse_recipe([str(demo_recipe()), "--profile_steps", bad])
         assert "profile_steps" in str(err.value)

@@ -9,10 +9,11 @@ import shutil
 
 import pytest
 import yaml
+from conftest import ACCELERATE, REPO, run
 
 import eval_bfcl
 from eval_bfcl import read_jsonl
-from conftest import ACCELERATE, REPO, run
+from fcsft.errors import UserError
 
 STEPS = [2, 4]  # evaluations (and sharded checkpoints) every 2 steps; early stopping ends the run at step 4
 BFCL_KEYS = ["--bfcl_eval_categories", "demo_simple,demo_parallel,demo_multiple", "--bfcl_eval_limit", "3",
@@ -121,7 +122,7 @@ def test_no_improvement_stops_early_and_the_best_checkpoint_is_kept(bfcl_run, me
 
 
 def test_recipe_errors_name_the_missing_keys(assets, tmp_path):
-    import train_sft
+    from fcsft import recipe as fcsft_recipe
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text((REPO / "recipes" / "demo_cpu.yaml").read_text())
@@ -137,6 +138,6 @@ def test_recipe_errors_name_the_missing_keys(assets, tmp_path):
         (["--early_stopping_patience", "2"], "early_stopping_patience needs metric_for_best_model"),
     ]
     for flags, message in cases:
-        with pytest.raises(SystemExit) as stopped:
-            train_sft.parse_recipe([str(recipe), *flags])
+        with pytest.raises(UserError) as stopped:
+            fcsft_recipe.parse_recipe([str(recipe), *flags])
         assert message in str(stopped.value) and str(recipe) in str(stopped.value), flags

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import ACCELERATE, PYTHON, REPO, run
 
 SHORT = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--max_length", "512", "--logging_steps", "1"]

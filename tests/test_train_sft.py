@@ -4,11 +4,10 @@ import json
 import re
 
 import pytest
-import yaml
-
-import function_calling as fc
 from conftest import PYTHON, REPO, run
 
+from fcsft import chat_formats
+from fcsft import recipe as fcsft_recipe
 
 # --- recipes -------------------------------------------------------------------------------------------------------
 
@@ -16,13 +15,12 @@ from conftest import PYTHON, REPO, run
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
 def test_every_recipe_parses(recipe, monkeypatch):
     """Every shipped recipe names only real keys (the parser rejects unknown ones)."""
-    import train_sft
 
     # bf16 and QLoRA's bitsandbytes/CUDA are checked against the machine at parse time; the keys are what this test
     # checks (tests/test_lora_qlora.py tests those checks).
-    monkeypatch.setattr(train_sft, "launch_environment", lambda: dict(
+    monkeypatch.setattr(fcsft_recipe, "launch_environment", lambda: dict(
         fsdp=False, mixed_precision="no", bitsandbytes_installed=True, cuda_available=True))
-    script_args, training_args, model_args = train_sft.parse_recipe([str(REPO / "recipes" / recipe), "--bf16", "false"])
+    script_args, training_args, model_args = fcsft_recipe.parse_recipe([str(REPO / "recipes" / recipe), "--bf16", "false"])
     assert (script_args.dataset_name or script_args.datasets) and model_args.model_name_or_path
     assert training_args.output_dir.startswith("runs/")
 
@@ -46,9 +44,8 @@ def test_unknown_flag_and_missing_files(demo_recipe, tmp_path):
 
 
 def test_command_line_overrides_recipe(demo_recipe):
-    import train_sft
 
-    _, training_args, _ = train_sft.parse_recipe([str(demo_recipe()), "--learning_rate", "0.5", "--max_steps", "3"])
+    _, training_args, _ = fcsft_recipe.parse_recipe([str(demo_recipe()), "--learning_rate", "0.5", "--max_steps", "3"])
     assert training_args.learning_rate == 0.5 and training_args.max_steps == 3
 
 
@@ -56,14 +53,14 @@ def test_command_line_overrides_recipe(demo_recipe):
 
 
 def test_python_types_to_json_schema():
-    assert fc.python_type_to_schema("str") == {"type": "string"}
-    assert fc.python_type_to_schema("float") == {"type": "number"}
-    assert fc.python_type_to_schema("List[int]") == {"type": "array", "items": {"type": "integer"}}
-    assert fc.python_type_to_schema("Dict[str, Any]") == {"type": "object", "additionalProperties": {"type": "string"}}
-    assert fc.python_type_to_schema("List[Dict[str, int]]") == {
+    assert chat_formats.python_type_to_schema("str") == {"type": "string"}
+    assert chat_formats.python_type_to_schema("float") == {"type": "number"}
+    assert chat_formats.python_type_to_schema("List[int]") == {"type": "array", "items": {"type": "integer"}}
+    assert chat_formats.python_type_to_schema("Dict[str, Any]") == {"type": "object", "additionalProperties": {"type": "string"}}
+    assert chat_formats.python_type_to_schema("List[Dict[str, int]]") == {
         "type": "array", "items": {"type": "object", "additionalProperties": {"type": "integer"}}}
-    assert fc.python_type_to_schema("Optional[bool]") == {"type": "boolean"}
-    assert fc.python_type_to_schema("Tuple[float, float]") == {"type": "array", "items": {"type": "number"}}
+    assert chat_formats.python_type_to_schema("Optional[bool]") == {"type": "boolean"}
+    assert chat_formats.python_type_to_schema("Tuple[float, float]") == {"type": "array", "items": {"type": "number"}}
 
 
 def test_required_is_neither_optional_nor_defaulted():
@@ -73,7 +70,7 @@ def test_required_is_neither_optional_nor_defaulted():
         "c": {"type": "int", "description": "z", "default": 3},
         "d": {"type": "Optional[str]", "description": "w"},
     }}
-    schema = fc.xlam_tool_to_schema(tool)["function"]["parameters"]
+    schema = chat_formats.xlam_tool_to_schema(tool)["function"]["parameters"]
     assert schema["required"] == ["a"]
     assert schema["properties"]["b"] == {"type": "integer", "description": "y"}
     assert schema["properties"]["c"]["default"] == 3
@@ -83,7 +80,7 @@ def test_xlam_row_to_messages():
     row = {"query": "weather in Oslo?", "tools": json.dumps([{"name": "get_weather", "description": "w",
            "parameters": {"city": {"type": "str", "description": "c"}}}]),
            "answers": json.dumps([{"name": "get_weather", "arguments": {"city": "Oslo"}}])}
-    out = fc.xlam_to_messages(row)
+    out = chat_formats.xlam_to_messages(row)
     assert out["messages"][0] == {"role": "user", "content": "weather in Oslo?"}
     assert out["messages"][1]["tool_calls"] == [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]
     assert out["tools"][0]["function"]["parameters"]["required"] == ["city"]
@@ -97,8 +94,8 @@ def test_xlam_row_to_messages():
     ({"query": "q", "tools": '[{"name": "f", "parameters": {}}]', "answers": '[{"name": "f", "arguments": [1]}]'}, "bad_answer_shape"),
 ])
 def test_malformed_xlam_rows_have_reasons(row, reason):
-    with pytest.raises(fc.MalformedRow) as err:
-        fc.xlam_to_messages(row)
+    with pytest.raises(chat_formats.MalformedRow) as err:
+        chat_formats.xlam_to_messages(row)
     assert err.value.reason == reason
 
 
@@ -134,7 +131,7 @@ def test_loss_mask_is_exactly_the_assistant_turn(assets, demo_recipe):
     def expected_reply(row):
         answers = json.loads(row["answers"])
         if not answers:  # the sample's "no tool fits" rows: a plain reply
-            return "\n" + fc.NO_TOOL_FITS_REPLY + "<|im_end|>\n"
+            return "\n" + chat_formats.NO_TOOL_FITS_REPLY + "<|im_end|>\n"
         return "".join('\n<tool_call>\n{"name": "%s", "arguments": %s}\n</tool_call>' % (a["name"], json.dumps(a["arguments"]))
                        for a in answers) + "<|im_end|>\n"
 
@@ -165,4 +162,4 @@ def test_single_process_training_logs_to_wandb_offline(demo_recipe, tmp_path):
     summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
     assert summary["distributed_type"] == "DistributedType.NO" and summary["num_processes"] == 1
     logs = [log for log in summary["log_history"] if "loss" in log]
-    assert logs[-1]["tokens_per_second_per_device"] > 0 and logs[-1]["peak_rss_gb"] > 0.1
+    assert logs[-1]["tokens_per_second_per_device"] > 0 and logs[-1]["peak_rss_gib"] > 0.1

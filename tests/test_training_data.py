@@ -6,10 +6,11 @@ import re
 
 import pytest
 import yaml
-
-import function_calling as fc
-import training_data as td
 from conftest import ACCELERATE, PYTHON, REPO, run
+
+from fcsft import chat_formats, decontamination, training_data
+from fcsft import recipe as fcsft_recipe
+from fcsft.errors import UserError
 
 
 def sample_rows(assets, n=None):
@@ -18,41 +19,40 @@ def sample_rows(assets, n=None):
 
 
 def script_args(**overrides):
-    import train_sft
 
-    return train_sft.ScriptArguments(**{"decontaminate": False, **overrides})
+    return fcsft_recipe.ScriptArguments(**{"decontaminate": False, **overrides})
 
 
 def build(assets, seed=42, **overrides):
     args = script_args(dataset_name=str(assets / "xlam_sample" / "train.jsonl"), **overrides)
-    return td.build_datasets(args, seed)
+    return training_data.build_datasets(args, seed)
 
 
 # --- the transforms, one row at a time ------------------------------------------------------------------------------
 
 
 def test_irrelevance_removes_the_called_tools_and_answers_in_plain_text(assets):
-    rows = [fc.parse_xlam_row(r) for r in sample_rows(assets) if json.loads(r["answers"])]
+    rows = [chat_formats.parse_xlam_row(r) for r in sample_rows(assets) if json.loads(r["answers"])]
     pool = list({t["name"]: t for r in rows for t in r["tools"]}.values())
     import random
 
     for row in rows[:40]:
-        made = td.make_irrelevant(row, random.Random(0), pool)
+        made = training_data.make_irrelevant(row, random.Random(0), pool)
         called = {c["name"] for c in row["answers"]}
         assert made["answers"] == [] and made["tools"] and not called & {t["name"] for t in made["tools"]}
-        example = fc.xlam_to_messages(made)
-        assert example["messages"][1] == {"role": "assistant", "content": fc.NO_TOOL_FITS_REPLY}
+        example = chat_formats.xlam_to_messages(made)
+        assert example["messages"][1] == {"role": "assistant", "content": chat_formats.NO_TOOL_FITS_REPLY}
     only_called = next(r for r in rows if {t["name"] for t in r["tools"]} == {c["name"] for c in r["answers"]})
-    assert td.make_irrelevant(only_called, random.Random(0), pool)["tools"]  # other rows' tools are listed instead
+    assert training_data.make_irrelevant(only_called, random.Random(0), pool)["tools"]  # other rows' tools are listed instead
 
 
 def test_masking_renames_consistently_and_the_answer_stays_valid(assets):
     import random
 
     for raw in sample_rows(assets, 60):
-        row = fc.parse_xlam_row(raw)
-        masked = td.mask_names(row, random.Random(1))
-        example = fc.xlam_to_messages(masked)  # raises MalformedRow if an answer names an unlisted tool
+        row = chat_formats.parse_xlam_row(raw)
+        masked = training_data.mask_names(row, random.Random(1))
+        example = chat_formats.xlam_to_messages(masked)  # raises MalformedRow if an answer names an unlisted tool
         schemas = {t["function"]["name"]: t["function"]["parameters"] for t in example["tools"]}
         original = {t["name"]: t for t in row["tools"]}
         assert not set(schemas) & set(original) and len(schemas) == len(original)
@@ -64,7 +64,7 @@ def test_masking_renames_consistently_and_the_answer_stays_valid(assets):
             assert 5 <= len(after["name"]) <= 15 and all(4 <= len(p) <= 10 for p in properties)
         # the same tool gets the same new name in the list and in every call
         assert {c["name"] for c in masked["answers"]} <= set(schemas)
-    assert td.mask_names(row, random.Random(1)) == td.mask_names(row, random.Random(1))
+    assert training_data.mask_names(row, random.Random(1)) == training_data.mask_names(row, random.Random(1))
 
 
 def test_extra_tools_add_distinct_tools_from_other_rows(assets):
@@ -99,18 +99,18 @@ def test_data_edge_cases_are_kept_or_named(assets, tmp_path):
     one_tool = tmp_path / "one_tool.jsonl"  # irrelevance needs another tool to list: with none, the row stays as it is
     one_tool.write_text("".join(json.dumps(r) + "\n" for r in sample_rows(assets) if '"get_weather"' in r["tools"]
                                 and len(json.loads(r["tools"])) == 1))
-    train, _, report = td.build_datasets(script_args(dataset_name=str(one_tool), irrelevance_fraction=1.0), 42)
+    train, _, report = training_data.build_datasets(script_args(dataset_name=str(one_tool), irrelevance_fraction=1.0), 42)
     assert len(train) > 0 and report["sources"][0]["transforms"]["irrelevance"] == 0
     # `columns` applies to local files too
-    source = td.SourceConfig(path=str(assets / "xlam_sample" / "train.jsonl"), columns=["query", "answers"])
-    assert td.load_source(source).column_names == ["query", "answers"]
+    source = training_data.SourceConfig(path=str(assets / "xlam_sample" / "train.jsonl"), columns=["query", "answers"])
+    assert training_data.load_source(source).column_names == ["query", "answers"]
     # a weighted source with no rows left would empty the whole mixture (TRL's rule): stop, naming it
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"query": "q", "tools": "[]", "answers": "[]"}) + "\n")
     args = script_args(datasets=[{"path": str(one_tool), "fraction": 0.5}, {"path": str(empty), "fraction": 0.5}],
                        max_malformed_fraction=1.0)
-    with pytest.raises(SystemExit, match=f"no rows left of {empty}"):
-        td.build_datasets(args, 42)
+    with pytest.raises(UserError, match=f"no rows left of {empty}"):
+        training_data.build_datasets(args, 42)
 
 
 def test_curriculum_refuses_what_reorders_the_rows(demo_recipe):
@@ -121,16 +121,16 @@ def test_curriculum_refuses_what_reorders_the_rows(demo_recipe):
 
 def test_mixture_sizes_follow_trls_rule():
     # shares normalised to one; the total is the largest that oversamples no dataset
-    assert td.mixture_sizes([100, 30], [0.8, 0.2]) == [100, 25]
-    assert td.mixture_sizes([100, 10], [4, 1]) == [40, 10]
-    assert td.mixture_sizes([100, 10], [None, None]) == [100, 10]
+    assert training_data.mixture_sizes([100, 30], [0.8, 0.2]) == [100, 25]
+    assert training_data.mixture_sizes([100, 10], [4, 1]) == [40, 10]
+    assert training_data.mixture_sizes([100, 10], [None, None]) == [100, 10]
 
 
 # --- decontamination against the installed BFCL v4 data -------------------------------------------------------------
 
 
 def test_decontamination_drops_rows_made_from_bfcl_questions(assets, tmp_path):
-    bfcl = td.BfclQuestions()
+    bfcl = decontamination.BfclQuestions()
     questions = [text for _, text in bfcl.texts if len(text.split()) > 20][:3] + \
                 [text for _, text in bfcl.texts if 5 <= len(text.split()) < 8][:1]
     rows = sample_rows(assets, 40)
@@ -140,7 +140,7 @@ def test_decontamination_drops_rows_made_from_bfcl_questions(assets, tmp_path):
               dict(rows[3], query="Quick one: " + questions[3] + " Please answer soon, it is for my homework.")]
     data = tmp_path / "contaminated.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in copies + rows[4:]))
-    train, _, report = td.build_datasets(script_args(dataset_name=str(data), decontaminate=True), 42)
+    train, _, report = training_data.build_datasets(script_args(dataset_name=str(data), decontaminate=True), 42)
     kept = {r["messages"][0]["content"] for r in train}
     assert report["sources"][0]["decontaminated"] == 4 and len(train) == 36
     assert not {c["query"] for c in copies} & kept and {r["query"] for r in rows[4:]} <= kept
@@ -161,7 +161,7 @@ def test_irrelevance_examples_train_on_the_plain_reply_only(assets, demo_recipe)
     assert any("masked" in e.split("===")[0] for e in examples)
     for text in irrelevant:
         trained = text.split("⟦")[1].split("⟧")[0]
-        assert trained == "\n" + fc.NO_TOOL_FITS_REPLY + "<|im_end|>\n" and text.count("⟦") == 1  # as after a tool call
+        assert trained == "\n" + chat_formats.NO_TOOL_FITS_REPLY + "<|im_end|>\n" and text.count("⟦") == 1  # as after a tool call
 
 
 def test_a_two_format_mixture_trains_under_fsdp(assets, demo_recipe, tmp_path):
@@ -171,7 +171,7 @@ def test_a_two_format_mixture_trains_under_fsdp(assets, demo_recipe, tmp_path):
     messages = tmp_path / "messages.jsonl"
     with open(messages, "w") as f:
         for row in sample_rows(assets, 100):
-            example = fc.xlam_to_messages(row)
+            example = chat_formats.xlam_to_messages(row)
             f.write(json.dumps({"messages": example["messages"], "tools": example["tools"]}) + "\n")
     recipe = yaml.safe_load(demo_recipe().read_text())
     recipe.pop("dataset_name")

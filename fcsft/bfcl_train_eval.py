@@ -6,16 +6,20 @@ evaluation metrics next to `eval_loss`. So they reach every tracker, and `metric
 works with `load_best_model_at_end` and `EarlyStoppingCallback`. Each evaluation's answers, scores and summary go to
 `output_dir/bfcl_eval/step-N/`, in eval_bfcl.py's layout (`python eval_bfcl.py compare` reads those folders).
 
-Prompts, generation settings and scoring are eval_bfcl.py's own functions, so the numbers equal what
+Prompts, generation settings and scoring are eval_bfcl.py's own functions (fcsft.bfcl_*), so the numbers equal what
 `eval_bfcl.py --max-new-tokens M --batch-size B` gives on the checkpoint saved at that step (tested under FSDP).
 """
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
 
-import eval_bfcl
+from fcsft import bfcl_data, bfcl_generation, bfcl_report
+from fcsft.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 class BFCLEvaluator:
@@ -23,18 +27,18 @@ class BFCLEvaluator:
 
     def __init__(self, script_args, model_name, model_type, tokenizer):
         # Whole categories for scoring (their size is reported, as eval_bfcl.py does), the first N entries answered.
-        self.data_dir, self.categories, self.datasets = eval_bfcl.load_datasets(
+        self.data_dir, self.categories, self.datasets = bfcl_data.load_datasets(
             script_args.bfcl_eval_dir, script_args.bfcl_eval_categories.split(","))
         limit = script_args.bfcl_eval_limit
         self.requested_format = script_args.bfcl_eval_prompt_format
-        self.prompt_format = eval_bfcl.resolve_prompt_format(model_name, model_type, self.requested_format, "fc")
+        self.prompt_format = bfcl_generation.resolve_prompt_format(model_name, model_type, self.requested_format, "fc")
         self.max_new_tokens, self.batch_size = script_args.bfcl_eval_max_new_tokens, script_args.bfcl_eval_batch_size
         self.model_name, self.tokenizer = model_name, tokenizer
         self.work = [(c, e) for c, (entries, _) in self.datasets.items() for e in entries[:limit]]
         if not self.work:
-            raise SystemExit(f"train_sft.py: bfcl_eval_dir {script_args.bfcl_eval_dir}: no entries to evaluate")
-        self.token_ids = eval_bfcl.prompt_token_ids(
-            tokenizer, eval_bfcl.render_prompts(tokenizer, self.work, "fc", self.prompt_format))
+            raise UserError(f"bfcl_eval_dir {script_args.bfcl_eval_dir}: no entries to evaluate")
+        self.token_ids = bfcl_generation.prompt_token_ids(
+            tokenizer, bfcl_generation.render_prompts(tokenizer, self.work, "fc", self.prompt_format))
         # Longest first, as eval_bfcl.py orders them; rank r takes every world_size-th prompt of that order.
         self.order = sorted(range(len(self.work)), key=lambda i: -len(self.token_ids[i]))
 
@@ -56,14 +60,14 @@ class BFCLEvaluator:
         model.eval()
         try:
             with unwrap_model_for_generation(model, accelerator) as unwrapped, torch.no_grad():
-                config, eos_ids = eval_bfcl.greedy_generation_config(unwrapped, self.tokenizer, self.max_new_tokens)
+                config, eos_ids = bfcl_generation.greedy_generation_config(unwrapped, self.tokenizer, self.max_new_tokens)
                 for b in range(batches):
                     batch = mine[b * self.batch_size:(b + 1) * self.batch_size]
                     inputs = self.tokenizer.pad({"input_ids": [self.token_ids[i] for i in batch or self.order[:1]]},
                                                 return_tensors="pt").to(accelerator.device)
                     output = unwrapped.generate(**inputs, generation_config=config,
                                                 synced_gpus=fsdp and world > 1 or None)
-                    texts, _ = eval_bfcl.decode_generated(
+                    texts, _ = bfcl_generation.decode_generated(
                         self.tokenizer, output[:, inputs["input_ids"].shape[1]:].tolist(), eos_ids)
                     answers += list(zip(batch, texts))
         finally:
@@ -81,7 +85,7 @@ class BFCLEvaluator:
             results[category][entry["id"]] = text
         scores, rows = {}, {}
         for category, (entries, possible_answers) in self.datasets.items():
-            rows[category], scores[category] = eval_bfcl.score_category(
+            rows[category], scores[category] = bfcl_report.score_category(
                 category, results[category], entries, possible_answers, "qwen")
         seconds = time.time() - started
         metrics = bfcl_metrics(scores, metric_key_prefix)
@@ -97,8 +101,8 @@ class BFCLEvaluator:
         for category, (entries, _) in self.datasets.items():
             answered = [{"id": e["id"], "result": results[category][e["id"]]}
                         for e in entries if e["id"] in results[category]]
-            eval_bfcl.write_jsonl_atomic(eval_bfcl.result_path(folder, category), answered)
-            eval_bfcl.write_jsonl_atomic(folder / f"BFCL_v4_{category}_score.json", rows[category])
+            bfcl_data.write_jsonl_atomic(bfcl_data.result_path(folder, category), answered)
+            bfcl_data.write_jsonl_atomic(folder / f"BFCL_v4_{category}_score.json", rows[category])
         fmt = self.prompt_format
         model = f"{self.model_name} (training step {trainer.state.global_step})"
         generation = {
@@ -114,8 +118,8 @@ class BFCLEvaluator:
             "wall_time_s": round(seconds, 2),
         }
         (folder / "generation.json").write_text(json.dumps(generation, indent=2) + "\n")
-        summary = eval_bfcl.build_summary(scores, "qwen", self.data_dir, generation, eval_bfcl.prompt_format_of(generation))
-        eval_bfcl.write_summary(folder, summary, quiet=True)
+        summary = bfcl_report.build_summary(scores, "qwen", self.data_dir, generation, bfcl_report.prompt_format_of(generation))
+        bfcl_report.write_summary(folder, summary, quiet=True)
 
 
 def bfcl_metrics(scores, prefix="eval"):
@@ -148,3 +152,14 @@ def with_bfcl_eval(trainer_class):
 
     TrainerWithBFCLEval.__name__ = f"{trainer_class.__name__}WithBFCLEval"
     return TrainerWithBFCLEval
+
+
+def attach_bfcl_evaluator(trainer, script_args, model_name):
+    """Prompts for the recipe's bfcl_eval_dir, answered at every evaluation of `trainer` (a with_bfcl_eval class)."""
+    trainer.bfcl_evaluator = BFCLEvaluator(script_args, model_name, trainer.model.config.model_type,
+                                           trainer.processing_class)
+    evaluator = trainer.bfcl_evaluator
+    logger.warning("bfcl eval: %d prompts of %s (%s prompt format) at every evaluation", len(evaluator.work),
+                   script_args.bfcl_eval_dir, evaluator.prompt_format["prompt_format"])
+    if evaluator.prompt_format["fallback"]:
+        logger.warning("bfcl eval: %s", evaluator.prompt_format["fallback"])

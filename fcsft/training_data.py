@@ -18,27 +18,23 @@ writes into run_summary.json.
 import json
 import logging
 import random
-import re
 import string
-import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from trl.scripts.utils import DatasetConfig
 
-import function_calling as fc
+import fcsft.chat_formats as fc
+from fcsft.decontamination import BfclQuestions, request_text
+from fcsft.errors import UserError
 
-logger = logging.getLogger("train_sft")
+logger = logging.getLogger(__name__)
 
 FORMATS = ("xlam", "messages", "prompt_completion", "dolly")
 CONVERTERS = {"messages": fc.check_messages_row, "prompt_completion": fc.check_prompt_completion_row,
               "dolly": fc.dolly_to_prompt_completion}
 CONVERSATIONAL = ("xlam", "messages")
-# Decontamination: a training request duplicates a BFCL question when, after lower-casing and dropping punctuation,
-# (a) the texts are equal, (b) the request contains the whole question (questions of 5-7 words), or (c) at least half
-# of the word 8-grams of either text occur in the other (near-copies, with words added or changed).
-DECONTAMINATION_NGRAM, DECONTAMINATION_OVERLAP, SHORTEST_CONTAINED = 8, 0.5, 5
 
 
 @dataclass
@@ -52,10 +48,10 @@ class SourceConfig(DatasetConfig):
 def source_configs(args, recipe=None):
     """The recipe's sources: its `datasets:` list, or the single `dataset_name`."""
     if args.datasets and args.dataset_name:
-        sys.exit(f"train_sft.py: {recipe} sets both dataset_name and datasets: keep one")
+        raise UserError(f"{recipe} sets both dataset_name and datasets: keep one")
     if not args.datasets:
         if not args.dataset_name:
-            sys.exit(f"train_sft.py: the recipe {recipe} must set dataset_name or datasets")
+            raise UserError(f"the recipe {recipe} must set dataset_name or datasets")
         return [SourceConfig(path=args.dataset_name, name=args.dataset_config, split=args.dataset_split,
                              format=args.dataset_format)]
     known = {f.name for f in fields(SourceConfig)}
@@ -66,17 +62,17 @@ def source_configs(args, recipe=None):
             continue
         unknown = sorted(set(item) - known) if isinstance(item, dict) else []
         if not isinstance(item, dict) or unknown or "path" not in item:
-            sys.exit(f"train_sft.py: datasets[{index}] in {recipe} must be a mapping with `path` and only the keys "
+            raise UserError(f"datasets[{index}] in {recipe} must be a mapping with `path` and only the keys "
                      f"{sorted(known)}" + (f"; unknown: {unknown}" if unknown else ""))
         sources.append(SourceConfig(**item))
     fractions = [s.fraction for s in sources]
     if any(f is not None for f in fractions) and (None in fractions or any(f < 0 for f in fractions) or not sum(fractions)):
-        sys.exit(f"train_sft.py: in {recipe}, set a non-negative `fraction` on every dataset of the mixture or on none")
+        raise UserError(f"in {recipe}, set a non-negative `fraction` on every dataset of the mixture or on none")
     for source in sources:
         if source.format not in FORMATS:
-            sys.exit(f"train_sft.py: dataset {source.path} in {recipe}: format '{source.format}' is not one of {FORMATS}")
+            raise UserError(f"dataset {source.path} in {recipe}: format '{source.format}' is not one of {FORMATS}")
     if len({s.format in CONVERSATIONAL for s in sources}) > 1:
-        sys.exit(f"train_sft.py: {recipe} mixes conversational (xlam, messages) and prompt/completion datasets: "
+        raise UserError(f"{recipe} mixes conversational (xlam, messages) and prompt/completion datasets: "
                  "the trainer takes one kind per run")
     return sources
 
@@ -108,14 +104,14 @@ def load_source(source, key="dataset_name"):
     builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
     if path.suffix in builders:
         if not path.is_file():
-            sys.exit(f"train_sft.py: {key} file not found: {path}")
+            raise UserError(f"{key} file not found: {path}")
         raw = load_dataset(builders[path.suffix], data_files=str(path), split="train")
     else:
         try:
             raw = load_dataset(source.path, name=source.name, data_dir=source.data_dir, data_files=source.data_files,
                                split=source.split)
         except Exception as err:  # datasets raises many types; the user needs the dataset and the cause, not a traceback
-            sys.exit(f"train_sft.py: cannot load dataset '{source.path}' (split '{source.split}'): {why_not_loaded(err, source)}")
+            raise UserError(f"cannot load dataset '{source.path}' (split '{source.split}'): {why_not_loaded(err, source)}")
     return raw.select_columns(source.columns) if source.columns else raw
 
 
@@ -237,80 +233,6 @@ def convert_source(raw, source, args, seed, report):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Decontamination against BFCL v4 (every category's user turns, from the installed bfcl-eval data)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def normalise(text):
-    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
-
-
-def ngrams(words, n=DECONTAMINATION_NGRAM):
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
-def _user_texts(question):
-    if isinstance(question, dict):
-        return [question["content"]] if question.get("role") == "user" and isinstance(question.get("content"), str) else []
-    if isinstance(question, list):
-        return [text for item in question for text in _user_texts(item)]
-    return []
-
-
-class BfclQuestions:
-    """Every user turn of every BFCL v4 file, indexed for the three rules above."""
-
-    def __init__(self, data_dir=None):
-        import importlib.util
-
-        from eval_bfcl import package_data_dir, read_jsonl
-
-        if not data_dir and importlib.util.find_spec("bfcl_eval") is None:
-            sys.exit("train_sft.py: decontaminate needs the BFCL v4 questions: install bfcl-eval (`make setup` does), set "
-                     "decontamination_data_dir to a folder of BFCL_v4_*.json files, or set decontaminate: false")
-        data_dir = Path(data_dir) if data_dir else package_data_dir()
-        self.texts, self.exact, self.short, self.index, self.grams = [], {}, {}, defaultdict(set), []
-        for path in sorted(data_dir.glob("BFCL_v4_*.json")):
-            if "format_sensitivity" in path.name:  # a list of ids of other categories' entries, not questions
-                continue
-            for entry in read_jsonl(path):
-                for text in _user_texts(entry.get("question")):
-                    number, words = len(self.texts), normalise(text).split()
-                    self.texts.append((entry.get("id", path.stem), text))
-                    self.exact.setdefault(" ".join(words), number)
-                    if SHORTEST_CONTAINED <= len(words) < DECONTAMINATION_NGRAM:
-                        self.short.setdefault(tuple(words), number)
-                    grams = ngrams(words)
-                    self.grams.append(len(grams))
-                    for gram in grams:
-                        self.index[gram].add(number)
-        if not self.texts:
-            sys.exit(f"train_sft.py: no BFCL questions found in {data_dir} to decontaminate against")
-
-    def match(self, request):
-        """(BFCL id, question) that the request duplicates, or None."""
-        words = normalise(request).split()
-        if " ".join(words) in self.exact:
-            return self.texts[self.exact[" ".join(words)]]
-        for size in range(SHORTEST_CONTAINED, DECONTAMINATION_NGRAM):
-            for start in range(len(words) - size + 1):
-                if tuple(words[start:start + size]) in self.short:
-                    return self.texts[self.short[tuple(words[start:start + size])]]
-        grams = ngrams(words)
-        hits = Counter(number for gram in grams for number in self.index.get(gram, ()))
-        for number, count in hits.items():
-            if count / len(grams) >= DECONTAMINATION_OVERLAP or count / self.grams[number] >= DECONTAMINATION_OVERLAP:
-                return self.texts[number]
-        return None
-
-
-def request_text(example):
-    if "messages" in example:
-        return "\n".join(m["content"] for m in example["messages"] if m["role"] == "user" and isinstance(m.get("content"), str))
-    return example["prompt"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The whole recipe
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -353,7 +275,7 @@ def build_datasets(args, seed, recipe=None):
             examples = kept
         bad = sum(stats["skipped"].values())
         if stats["rows"] == 0 or bad > args.max_malformed_fraction * stats["rows"]:
-            sys.exit(f"train_sft.py: {bad} of {stats['rows']} rows of {source.path} are malformed, more than "
+            raise UserError(f"{bad} of {stats['rows']} rows of {source.path} are malformed, more than "
                      f"max_malformed_fraction={args.max_malformed_fraction}: {dict(stats['skipped'])}")
         random.Random(seed + number).shuffle(examples)  # the mixture takes the first rows of each source
         per_source.append(examples)
@@ -362,7 +284,7 @@ def build_datasets(args, seed, recipe=None):
     empty = [s.path for s, e in zip(sources, per_source) if not e and s.fraction != 0]
     weighted = any(s.fraction is not None for s in sources)  # then one empty source empties all (TRL's rule)
     if empty and (weighted or not any(per_source)):
-        sys.exit(f"train_sft.py: no rows left of {', '.join(empty)} after the checks above, so there is nothing to train on")
+        raise UserError(f"no rows left of {', '.join(empty)} after the checks above, so there is nothing to train on")
     sizes = mixture_sizes([len(e) for e in per_source], [s.fraction for s in sources])
     rows = []
     for examples, size, stats in zip(per_source, sizes, report["sources"]):
@@ -416,3 +338,22 @@ def log_report(report):
 def report_for_summary(report):
     """JSON-ready copy of the report (Counters become dicts)."""
     return json.loads(json.dumps(report, default=dict))
+
+
+def show_examples(trainer, n):
+    """Print what the model sees; ⟦...⟧ marks the tokens that carry loss, and the header names the transforms that
+    made the example (irrelevance, masked, extra_tools; no_call: a source row that calls nothing)."""
+    tokenizer = trainer.processing_class
+    for i in range(min(n, len(trainer.train_dataset))):
+        example = trainer.train_dataset[i]
+        ids = example["input_ids"]
+        trained = [label != -100 for label in example.get("labels") or []] or [bool(m) for m in example["assistant_masks"]]
+        pieces, start = [], 0
+        for j in range(1, len(ids) + 1):  # decode each run of equally-masked tokens together
+            if j == len(ids) or trained[j] != trained[start]:
+                text = tokenizer.decode(ids[start:j])
+                pieces.append(f"⟦{text}⟧" if trained[start] else text)
+                start = j
+        made_by = f"; transforms: {example['transforms']}" if example.get("transforms") else ""
+        print(f"=== example {i}: {len(ids)} tokens, {sum(trained)} trained{made_by} ===")
+        print("".join(pieces))

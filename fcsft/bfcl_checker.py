@@ -13,7 +13,6 @@ import json
 import operator
 import re
 
-
 # The Python type a decoded value must have, per declared BFCL type and language.
 BFCL_PYTHON_TYPES = {
     "string": str, "integer": int, "float": float, "boolean": bool, "array": list, "tuple": list, "dict": dict,

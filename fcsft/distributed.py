@@ -1,6 +1,6 @@
-"""Make accelerate apply its FSDP plugin on CPU, so the demo and CI run real FSDP2 over gloo.
+"""Distributed helpers: FSDP on CPU, full state dicts for saving, one outcome on every rank, free ports.
 
-Why: accelerate (checked on 1.15.0) decides the distributed type from the hardware. On a machine without GPUs a
+FSDP on CPU (the demo and CI run real FSDP2 over gloo). Why: accelerate (checked on 1.15.0) decides the distributed type from the hardware. On a machine without GPUs a
 multi-process launch becomes DistributedType.MULTI_CPU and the FSDP plugin built from the config is silently
 dropped, so training runs as plain DDP. PyTorch's FSDP2 itself works on CPU with gloo; only accelerate's choice
 is in the way. This module flips that one choice, and nothing else:
@@ -12,13 +12,17 @@ is in the way. This module flips that one choice, and nothing else:
   tests/test_train_fsdp.py asserts the parameters really are DTensors sharded over the ranks.
 """
 
+import contextlib
 import logging
 import os
+import socket
 
 import accelerate
 import torch
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
+
+from fcsft.errors import UserError
 
 TESTED_ACCELERATE = "1.15.0"
 logger = logging.getLogger(__name__)
@@ -57,5 +61,39 @@ def verify_fsdp_applied(accelerator):
     if wants_fsdp_on_cpu() and accelerator.num_processes > 1 and accelerator.distributed_type != DistributedType.FSDP:
         raise RuntimeError(
             f"cpu_fsdp: accelerate {accelerate.__version__} ran as {accelerator.distributed_type} instead of FSDP; "
-            f"the CPU patch in cpu_fsdp.py no longer works with this version (tested with {TESTED_ACCELERATE})."
+            f"the CPU patch in fcsft/distributed.py no longer works with this version (tested with {TESTED_ACCELERATE})."
         )
+
+
+@contextlib.contextmanager
+def full_state_dict(trainer):
+    """Under FSDP, make trainer.save_model gather a FULL state dict (a collective: every rank must enter), then put
+    back the sharded type the trainer's resumable checkpoints use. The configs are reset too: accelerate only fills
+    them when they are None, and FSDP1 refuses a FULL type with a sharded config."""
+    if not trainer.is_fsdp_enabled:
+        yield
+        return
+    plugin = trainer.accelerator.state.fsdp_plugin
+    saved = (plugin.state_dict_type, plugin.state_dict_config, plugin.optim_state_dict_config)
+    plugin.state_dict_config = plugin.optim_state_dict_config = None
+    plugin.set_state_dict_type("FULL_STATE_DICT")
+    try:
+        yield
+    finally:
+        plugin.state_dict_type, plugin.state_dict_config, plugin.optim_state_dict_config = saved
+
+
+def fail_on_all_ranks(accelerator, message, error=UserError):
+    """Rank 0 decided (talked to the hub, checked a file); every rank learns the outcome so all stop together instead
+    of waiting in a collective for a rank that has gone."""
+    from accelerate.utils import broadcast_object_list
+
+    message = broadcast_object_list([message])[0] if accelerator.num_processes > 1 else message
+    if message:
+        raise error(message) if accelerator.is_main_process else SystemExit(1)  # say it once
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
