@@ -18,6 +18,8 @@ def test_packed_8k_recipe_trains_through_fsdp(assets, tmp_path):
     checkpointing), with only what the tiny model and CPU need changed, for one optimizer step."""
     recipe = yaml.safe_load((REPO / "recipes" / "xlam_8k.yaml").read_text())
     assert (recipe["max_length"], recipe["packing"], recipe["activation_checkpointing"]) == (8192, True, True)
+    assert [source["path"] for source in recipe.pop("datasets")] == [  # xlam.yaml's mixture, replaced by the sample
+        "Salesforce/xlam-function-calling-60k", "MadeAgents/xlam-irrelevance-7.5k"]
     recipe.update(model_name_or_path=str(assets / "tiny-qwen2"), dataset_name=str(assets / "xlam_sample" / "train.jsonl"),
                   output_dir=str(tmp_path / "out"), dtype="float32", bf16=False, optim="adamw_torch", report_to=["none"],
                   max_steps=1, gradient_accumulation_steps=1, logging_steps=1, save_strategy="no",

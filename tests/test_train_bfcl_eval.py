@@ -12,7 +12,7 @@ import yaml
 from conftest import ACCELERATE, REPO, run
 
 import eval_bfcl
-from eval_bfcl import read_jsonl
+from fcsft.bfcl_data import read_jsonl
 from fcsft.errors import UserError
 
 STEPS = [2, 4]  # evaluations (and sharded checkpoints) every 2 steps; early stopping ends the run at step 4
