@@ -59,6 +59,13 @@ def score_category(category, results, entries, answers, decoder):
                             "correct": rate("valid")}}
 
 
+def single_turn_overall(aggregates):
+    """The leaderboard's v4 Overall weighs Non-Live 10, Live 10, Irrelevance 10 (then multi-turn 30, agentic 40):
+    restricted to its single-turn parts, the unweighted mean of those three aggregates."""
+    return _mean("unweighted mean of Non-Live AST, Live AST, Irrelevance (the leaderboard's v4 Overall restricted to its "
+                 "single-turn parts)", [(name, aggregates.get(name)) for name in ("Non-Live AST", "Live AST", "Irrelevance")])
+
+
 def _mean(formula, parts, weighted=False):
     """parts: (name, {accuracy, total} or None). Unweighted or entry-weighted mean, when every part was run."""
     present = [score for _, score in parts if score is not None and score["accuracy"] is not None]
@@ -67,7 +74,7 @@ def _mean(formula, parts, weighted=False):
         return {"accuracy": None, "status": "not run", "formula": formula}
     if missing:
         return {"accuracy": None, "status": f"incomplete (missing {', '.join(missing)})", "formula": formula}
-    total = sum(score["total"] for score in present)
+    total = sum(score.get("total", 0) for score in present)
     if weighted:
         accuracy = sum(score["accuracy"] * score["total"] for score in present) / total
     else:
@@ -93,11 +100,7 @@ def aggregate_scores(scores):
                              [part("irrelevance"), part("live_irrelevance")]),
         "Relevance": _mean("live_relevance", [part("live_relevance")]),
     }
-    # The leaderboard's v4 Overall weighs Non-Live 10, Live 10, Irrelevance 10 (and multi-turn, agentic): restricted
-    # to its single-turn parts that is their unweighted mean.
-    aggregates["Overall (single-turn)"] = _mean(
-        "unweighted mean of Non-Live AST, Live AST, Irrelevance (the leaderboard's v4 Overall restricted to its "
-        "single-turn parts)", [(name, aggregates[name]) for name in ("Non-Live AST", "Live AST", "Irrelevance")])
+    aggregates["Overall (single-turn)"] = single_turn_overall(aggregates)
     custom = [c for c in scores if c not in NON_LIVE + LIVE]
     if custom:
         aggregates["overall (custom)"] = _mean("unweighted mean of " + ", ".join(custom), [part(c) for c in custom])

@@ -229,7 +229,6 @@ class EpochCheckpointCallback(TrainerCallback):
     def __init__(self, trainer, script_args, hub_client=None, recipe_path=None):
         self.trainer = trainer
         self.script_args = script_args
-        self.sources = source_configs(script_args)  # `dataset_name`, or every dataset of a mixture
         self.args = trainer.args
         self.push_mode = script_args.hub_push_epochs
         self.hub_client = hub_client
@@ -281,7 +280,7 @@ class EpochCheckpointCallback(TrainerCallback):
     # --- the checkpoint ----------------------------------------------------------------------------------------------
 
     def model_card(self, epoch, eval_loss, state):
-        args, sources = self.args, self.sources
+        args, sources = self.args, source_configs(self.script_args)  # `dataset_name`, or a mixture's datasets
         base_model = getattr(self.trainer.model.config, "_name_or_path", None)
         adapter = hasattr(self.trainer.model, "peft_config")  # a LoRA run saves an adapter, not a full model
         train_losses = [h["loss"] for h in state.log_history if "loss" in h]

@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from fcsft.bfcl_report import aggregate_scores, check_prompt_formats
+from fcsft.bfcl_report import aggregate_scores, check_prompt_formats, single_turn_overall
 from fcsft.errors import UserError
 from fcsft.metrics import (
     format_duration,
@@ -82,10 +82,11 @@ def bfcl_scores(summary):
     unweighted mean. A custom data set (no official categories) has only its own `overall (custom)`."""
     if not summary:
         return None, None, None, None
-    aggregates = aggregate_scores(summary["categories"])  # today's aggregates, also for summaries written before them
+    aggregates = summary.get("aggregates") or aggregate_scores(summary.get("categories") or {})
     pick = lambda name: (aggregates.get(name) or {}).get("accuracy")  # noqa: E731
     parts = [pick("Non-Live AST"), pick("Live AST"), pick("Irrelevance")]
-    overall = pick("Overall (single-turn)") if any(p is not None for p in parts) else pick("overall (custom)")
+    # summaries written before the single-turn overall was an aggregate get it from the same function
+    overall = single_turn_overall(aggregates)["accuracy"] if any(p is not None for p in parts) else pick("overall (custom)")
     to_percent = lambda x: None if x is None else 100 * x  # noqa: E731
     return (*map(to_percent, parts), to_percent(overall))
 

@@ -96,7 +96,7 @@ def test_prompts_subcommand_is_what_generation_feeds_the_model(assets, tmp_path,
     assert any(r["prompt"].startswith("<|im_start|>system\n") and "\n\n# Tools" in r["prompt"] for r in rows)
 
 
-def test_unknown_family_falls_back_to_the_chat_template_and_says_so(assets, tmp_path, monkeypatch, capsys):
+def test_unknown_family_falls_back_to_the_chat_template_and_says_so(assets, tmp_path, monkeypatch, capsys, caplog):
     """A family without an official prompt builder: chat template, a warning, and the fallback recorded in
     generation.json and the summaries. Resuming is refused once the prompt format changes."""
     out = tmp_path / "run"
@@ -104,7 +104,7 @@ def test_unknown_family_falls_back_to_the_chat_template_and_says_so(assets, tmp_
             "demo_simple", "--limit", "2", "--max-new-tokens", "2", "--output-dir", str(out)]
     monkeypatch.setattr(bfcl_generation, "bfcl_family", lambda model_name, model_type: None)
     eval_bfcl.main(args)
-    assert "no official BFCL prompt builder" in capsys.readouterr().err
+    assert "no official BFCL prompt builder" in caplog.text  # logged as a warning (stderr)
     generation = json.loads((out / "generation.json").read_text())
     assert generation["prompt_format"] == "chat_template" and generation["prompt_format_requested"] == "bfcl"
     assert "no official BFCL prompt builder" in generation["prompt_format_fallback"]

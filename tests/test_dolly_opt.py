@@ -156,7 +156,7 @@ def test_unreachable_hub_stops_both_fsdp_ranks_before_training(dolly_recipe, tmp
                check=False, env={**os.environ, "HF_TOKEN": FAKE_TOKEN, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
-    assert output.count("epoch_checkpoints: cannot reach or write to the Hugging Face Hub for hub_push_epochs=branch "
+    assert output.count("train_sft.py: cannot reach or write to the Hugging Face Hub for hub_push_epochs=branch "
                         "(hub_model_id tester/tiny-opt-dolly): OfflineModeIsEnabled") == 1, output[-3000:]
     assert FAKE_TOKEN not in output
     assert not (tmp_path / "out" / "checkpoints").exists() and "'loss'" not in output  # stopped before any step

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import correct_qwen_output, qwen_call
 
-from fcsft import bfcl_data, bfcl_generation, bfcl_report
+from fcsft import bfcl_data, bfcl_generation, bfcl_report, metrics
 from fcsft.bfcl_data import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def test_generate_and_score_real_bfcl_entries(bfcl_demo_assets, tmp_path):
     assert summary["aggregates"]["Live AST"]["status"] == "not run"
     assert summary["aggregates"]["Relevance"]["accuracy"] == 0.0
     generation = summary["generation"]
-    assert generation["prompts_generated"] == 12 and generation["device"] == "1 x cpu"
+    assert generation["prompts_generated"] == 12 and generation["device"] == f"1 x {metrics.device_name()}"
     assert generation["wall_time_s"] > 0 and generation["prompts_per_s"] > 0 and generation["generated_tokens_per_s"] > 0
     markdown = (out / "summary.md").read_text()
     assert "| simple_python | not run |" in markdown and "out of scope" in markdown and "out of scope" in proc.stdout

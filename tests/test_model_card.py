@@ -84,7 +84,7 @@ def test_cost_is_device_hours_times_the_price():
                                  "skipped": {}, "decontaminated": 0, "taken": 60000, "transforms": {}}]}}
     text = fcsft_model_card.run_card("runs/x", run, metrics.DEFAULT_PRICE_PER_GPU_HOUR)
     # 1.5 h x 8 GPUs = 12 GPU-hours at the plan's $23/hour for 8 GPUs = $34.50
-    assert "| train time | 1h 30m (5,400 s) |" in text and "| device-hours | 12.00 |" in text
+    assert "| train time | 1h30m (5,400 s) |" in text and "| device-hours | 12.00 |" in text
     assert "| cost | $34.50 at $2.875 per GPU-hour |" in text
     card = ModelCard(text)
     assert card.data.base_model == "Qwen/Qwen2.5-3B-Instruct" and card.data.datasets == ["Salesforce/xlam-function-calling-60k"]
@@ -93,7 +93,7 @@ def test_cost_is_device_hours_times_the_price():
 def test_push_uploads_the_folder_with_the_token_from_the_environment_only(model_folder, bfcl_results, monkeypatch, capfd):
     hub = RecordingHub()
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setattr(callbacks, "make_hub_client", lambda token: hub if token == FAKE_TOKEN else None)
+    monkeypatch.setattr(fcsft_model_card, "make_hub_client", lambda token: hub if token == FAKE_TOKEN else None)
     model_card.main([str(model_folder), "--bfcl", str(bfcl_results), "--push", "tester/tiny-fc", "--revision", "v1"])
     assert [(name, {k: v for k, v in kw.items() if k not in ("files", "commit_message")}) for name, kw in hub.calls] == [
         ("whoami", {}),
@@ -112,7 +112,7 @@ def test_push_uploads_the_folder_with_the_token_from_the_environment_only(model_
 def test_failed_push_keeps_the_folder_and_says_how_to_retry(model_folder, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     hub = RecordingHub(fail_on="upload_folder")
-    monkeypatch.setattr(callbacks, "make_hub_client", lambda token: hub)
+    monkeypatch.setattr(fcsft_model_card, "make_hub_client", lambda token: hub)
     with pytest.raises(UserError) as err:
         model_card.main([str(model_folder), "--push", "tester/tiny-fc"])
     message = str(err.value)
