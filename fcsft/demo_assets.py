@@ -1,14 +1,7 @@
 """Build the offline default: xLAM-schema sample data, a BFCL-format held-out split, a tiny tokenizer and a tiny
 Qwen2-architecture model with random weights. Deterministic: the same seed gives byte-identical files.
 
-    python make_demo_assets.py --out demo_assets     # the command line
-
-Writes
-    demo_assets/xlam_sample/train.jsonl      rows {id, query, tools, answers} exactly as Salesforce/xlam-function-calling-60k
-    demo_assets/bfcl_heldout/BFCL_v4_demo_<category>.json (+ possible_answer/)  questions the model never trains on
-    demo_assets/tiny-qwen2/                  Qwen2ForCausalLM + tokenizer with Qwen2.5's real chat template (from TRL)
-    demo_assets/dolly_sample/train.jsonl     rows {instruction, context, response, category} as databricks/databricks-dolly-15k
-    demo_assets/tiny-opt/                    OPTForCausalLM + a byte-level BPE tokenizer that, like OPT's, prepends </s>
+make_demo_assets.py is the command line, and its docstring lists the files written.
 """
 
 import json
