@@ -980,6 +980,7 @@ def untrained_turns(example):
 # ----------------------------------------------------------------------------------------------------------------
 
 GENERATION_BLOCK = re.compile(r"(\{%-?\s*generation\s*-?%\})(.*?)(\{%-?\s*endgeneration\s*-?%\})", re.S)
+JINJA_COMMENT = re.compile(r"(\{#.*?#\})", re.S)
 
 
 def weighted_training_template(training_template):
@@ -988,7 +989,8 @@ def weighted_training_template(training_template):
     rendered without the markers when `message.weight == 0`. The rendered text does not change, so TRL's own
     assistant_only_loss (labels -100 outside the mask) trains every other assistant turn and not those.
     ValueError when the template has no generation block inside a loop over `message`."""
-    blocks = GENERATION_BLOCK.findall(training_template)
+    parts = JINJA_COMMENT.split(training_template)  # comments may mention the markers: leave them as they are
+    blocks = [block for part in parts if not part.startswith("{#") for block in GENERATION_BLOCK.findall(part)]
     if not blocks or not all("message" in body for _, body, _ in blocks):
         raise ValueError("the chat template has no {% generation %} block over `message`: weight 0 cannot be honoured")
 
@@ -997,7 +999,7 @@ def weighted_training_template(training_template):
         return ("{%- if message.weight is defined and message.weight == 0 %}" + body + "{%- else %}"
                 + start + body + end + "{%- endif %}")
 
-    return GENERATION_BLOCK.sub(weigh, training_template)
+    return "".join(part if part.startswith("{#") else GENERATION_BLOCK.sub(weigh, part) for part in parts)
 
 
 def to_trainable_text_check(example, tokenizer, **template_kwargs):
