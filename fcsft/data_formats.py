@@ -41,7 +41,8 @@ REASONS = {
     # the checks every converted row passes
     "bad_arguments": "a call's arguments do not parse to a JSON object",
     "unknown_tool": "a call names a function that is not in the row's tools",
-    "orphan_tool_result": "a tool result with no call before it that it could answer",
+    "orphan_tool_result": "a tool result with no call before it that it could answer (none left unanswered in the "
+                          "latest assistant turn, or none with its tool_call_id)",
     "no_trained_turn": "no assistant turn to train on (none at all, or every one has weight 0)",
     # the shape of the source row
     "bad_message": "a message or turn with an unknown role, or content that is not text",
@@ -52,7 +53,7 @@ REASONS = {
     "bad_function_call": "a sharegpt function_call / glaive <functioncall> that does not parse",
     "bad_tool_call": "a hermes <tool_call> block that is unclosed or does not parse",
     "bad_call_syntax": "a toolace call list that is not [name(key=literal, ...), ...]",
-    "bad_tools_block": "a hermes <tools> block that does not parse",
+    "bad_tools_block": "a hermes <tools> block that is unclosed or does not parse",
     "bad_chat": "glaive chat text that does not start with a speaker (USER:, ASSISTANT:, FUNCTION RESPONSE:)",
     "missing_system": "apigen_mt row without its domain policy (`system`)",
     # missing_<column> / bad_json_<column>: a required column is absent / a column is not the JSON list it should be
@@ -482,6 +483,8 @@ def hermes_system(text):
     """(tool specs, the text left) of a system turn that lists tools in <tools>: the boilerplate around the list (the
     lead-in and the call-format instructions, up to the last </tool_call>) is dropped, since the chat template writes
     its own; any text after it is kept."""
+    if text.count("<tools>") != len(TOOLS_BLOCK.findall(text)):
+        raise MalformedRow("bad_tools_block", "unclosed <tools>")
     specs = [spec for block in TOOLS_BLOCK.findall(text) for spec in tool_list_text(block)]
     tail = text[text.rfind("</tools>") + len("</tools>"):] if "</tools>" in text else ""
     if "</tool_call>" in tail:

@@ -2,6 +2,7 @@
 converted and compared with hand-written normal-form rows; what the Qwen2.5 template shows; weight 0 out of the
 assistant mask; every check reason; format detection; the transforms on multi-turn rows."""
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -187,6 +188,35 @@ def test_weight_zero_turns_are_shown_but_left_out_of_the_assistant_mask(qwen_tok
     assert trained_text(weighted) == call_text + "\n21 °C in Paris.<|im_end|>\n"
     with pytest.raises(ValueError, match="generation"):
         df.weighted_training_template(qwen25_chat_template())  # no markers: nothing to honour weight 0 with
+
+
+def test_sft_trainer_leaves_weight_zero_turns_out_of_the_labels(qwen_tokenizer, tmp_path):
+    """The wiring's route: the tokenizer's template set to the weighted training template, rows stored as
+    training_data.to_dataset stores them (messages as Json, tools as a JSON string); TRL's own tokenization then
+    labels every assistant turn but the weight-0 one."""
+    from datasets import Dataset, Features, Json, List, Value
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from trl import SFTConfig, SFTTrainer
+    from trl.chat_template_utils import get_training_chat_template
+
+    tokenizer = copy.deepcopy(qwen_tokenizer)
+    tokenizer.chat_template = df.weighted_training_template(get_training_chat_template(tokenizer))
+    example = df.openai_to_messages({"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there.", "weight": 0},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "content": "{\"temp\": 21}"}, {"role": "assistant", "content": "21 °C in Paris."}], "tools": [WEATHER]})
+    features = Features({"messages": List(Json()), "tools": Value("string")})
+    dataset = Dataset.from_list([{"messages": example["messages"], "tools": json.dumps(example["tools"])}], features=features)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, max_length=None, use_cpu=True, bf16=False,
+                     activation_checkpointing=False, report_to=[])
+    row = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train_dataset[0]
+    labelled = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
+    assert labelled == ('\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+                        "\n21 °C in Paris.<|im_end|>\n")
+    assert "Hello there." in tokenizer.decode(row["input_ids"])
 
 
 # --- sharegpt (LLaMA-Factory) and apigen_mt ---------------------------------------------------------------------------
@@ -498,6 +528,8 @@ MALFORMED = [
      "bad_tool_call"),
     ("hermes", {"conversations": [{"from": "system", "value": "<tools>\n[{'name': 'x',\n</tools>"}, {"from": "gpt", "value": "ok"}]},
      "bad_tools_block"),
+    ("hermes", {"conversations": [{"from": "system", "value": "You may call: <tools>\n[]"}, {"from": "gpt", "value": "ok"}]},
+     "bad_tools_block"),  # unclosed: not silently dropped with its tools
     ("hermes", {"conversations": [{"from": "human", "value": "Weather?"}, {"from": "gpt", "value": "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {}}\n</tool_call>"}],
                 "tools": json.dumps([WEATHER])}, None),  # fine: shows that the row above fails only on its block
     ("glaive", {"system": "SYSTEM: no functions", "chat": "Hello there\nASSISTANT: hi"}, "bad_chat"),
