@@ -371,8 +371,8 @@ def openai_message(message):
 
 
 def drop_argument_fills(messages, tools):
-    """Remove null arguments that the called function does not declare: Arrow gives every row's argument dicts the
-    keys of all rows, as nulls (trl#5118), when a JSON file of dict arguments is loaded with `datasets`."""
+    """Remove null arguments that the called function does not declare: read from Parquet/Arrow structs, every row's
+    argument dicts have the keys of all rows, as nulls (trl#5118)."""
     declared = {tool_name(t): set(t["function"]["parameters"].get("properties", {})) for t in tools}
     for message in messages:
         for call in message.get("tool_calls") or []:

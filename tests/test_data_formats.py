@@ -264,7 +264,8 @@ def test_sharegpt_text_then_call_is_one_assistant_turn():
     row = {"conversations": [
         {"from": "human", "value": "Convert 10 GBP to EUR"},
         {"from": "gpt", "value": "Let me check the rate."},
-        {"from": "function_call", "value": "{\"name\": \"convert_currency\", \"arguments\": \"{\\\"amount\\\": 10, \\\"from\\\": \\\"GBP\\\", \\\"to\\\": \\\"EUR\\\"}\"}"},
+        {"from": "function_call",  # arguments as a JSON string inside the JSON value
+         "value": json.dumps({"name": "convert_currency", "arguments": json.dumps({"amount": 10, "from": "GBP", "to": "EUR"})})},
     ], "tools": json.dumps([CONVERT_FN])}
     assert df.sharegpt_to_messages(row)["messages"][1:] == [
         {"role": "assistant", "content": "Let me check the rate.",
@@ -381,7 +382,8 @@ def test_glaive_every_function_and_quoted_arguments_with_an_apostrophe():
         "FUNCTION RESPONSE: {\"artist\": \"Queen\", \"year\": 1978}\n\n\n"
         "ASSISTANT: \"Don't Stop Me Now\" is by Queen (1978). <|endoftext|>\n\n\n"
         "USER: And 20 CHF in EUR?\n\n\n"
-        "ASSISTANT: Let me convert that. <functioncall> {\"name\": \"convert_currency\", \"arguments\": '{\"amount\": 20, \"from\": \"CHF\", \"to\": \"EUR\"}'} <|endoftext|>\n\n\n"
+        "ASSISTANT: Let me convert that. <functioncall> {\"name\": \"convert_currency\", "
+        "\"arguments\": '{\"amount\": 20, \"from\": \"CHF\", \"to\": \"EUR\"}'} <|endoftext|>\n\n\n"
         "FUNCTION RESPONSE: {\"result\": 21.3}\n\n\n"
         "ASSISTANT: 20 CHF is 21.30 EUR. <|endoftext|>\n\n\n"
         "USER: Can you order me a pizza?\n\n\n"
@@ -403,7 +405,8 @@ def test_glaive_every_function_and_quoted_arguments_with_an_apostrophe():
 
 def test_glaive_without_functions_is_a_plain_chat_with_its_system_text():
     row = {"system": "SYSTEM: You are a helpful assistant, with no access to external functions.",
-           "chat": "USER: Tell me a joke about cats.\n\n\nASSISTANT: Why did the cat sit on the computer? To keep an eye on the mouse! <|endoftext|>\n\n\n"}
+           "chat": "USER: Tell me a joke about cats.\n\n\n"
+                   "ASSISTANT: Why did the cat sit on the computer? To keep an eye on the mouse! <|endoftext|>\n\n\n"}
     assert df.glaive_to_messages(row) == {"messages": [
         {"role": "system", "content": "You are a helpful assistant, with no access to external functions."},
         {"role": "user", "content": "Tell me a joke about cats."},
@@ -530,15 +533,19 @@ MALFORMED = [
      "bad_tools_block"),
     ("hermes", {"conversations": [{"from": "system", "value": "You may call: <tools>\n[]"}, {"from": "gpt", "value": "ok"}]},
      "bad_tools_block"),  # unclosed: not silently dropped with its tools
-    ("hermes", {"conversations": [{"from": "human", "value": "Weather?"}, {"from": "gpt", "value": "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {}}\n</tool_call>"}],
+    ("hermes", {"conversations": [{"from": "human", "value": "Weather?"},
+                                  {"from": "gpt", "value": "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {}}\n</tool_call>"}],
                 "tools": json.dumps([WEATHER])}, None),  # fine: shows that the row above fails only on its block
     ("glaive", {"system": "SYSTEM: no functions", "chat": "Hello there\nASSISTANT: hi"}, "bad_chat"),
-    ("glaive", {"system": GLAIVE_SYSTEM, "chat": "USER: Hi\nASSISTANT: <functioncall> {\"name\": \"search_song\", \"arguments\": '{\"title\": }'} <|endoftext|>"},
+    ("glaive", {"system": GLAIVE_SYSTEM,
+                "chat": "USER: Hi\nASSISTANT: <functioncall> {\"name\": \"search_song\", \"arguments\": '{\"title\": }'} <|endoftext|>"},
      "bad_arguments"),
     ("glaive", {"system": GLAIVE_SYSTEM, "chat": "USER: Hi\nASSISTANT: <functioncall> search_song('x') <|endoftext|>"}, "bad_function_call"),
-    ("toolace", {"system": TOOLACE_SYSTEM, "conversations": [{"from": "user", "value": "x"}, {"from": "assistant", "value": "[Currency Convert(12.5)]"}]},
+    ("toolace", {"system": TOOLACE_SYSTEM, "conversations": [{"from": "user", "value": "x"},
+                                                             {"from": "assistant", "value": "[Currency Convert(12.5)]"}]},
      "bad_call_syntax"),
-    ("toolace", {"system": TOOLACE_SYSTEM, "conversations": [{"from": "user", "value": "x"}, {"from": "assistant", "value": "[Get Weather(city=\"Oslo\")]"}]},
+    ("toolace", {"system": TOOLACE_SYSTEM, "conversations": [{"from": "user", "value": "x"},
+                                                             {"from": "assistant", "value": "[Get Weather(city=\"Oslo\")]"}]},
      "unknown_tool"),
 ]
 
