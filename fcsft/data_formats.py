@@ -30,8 +30,8 @@ import string
 from collections import Counter
 from dataclasses import dataclass, field
 
-from function_calling import (BFCL_TO_JSON_SCHEMA, NO_TOOL_FITS_REPLY, MalformedRow, python_type_to_schema,
-                              xlam_to_messages, xlam_tool_to_schema)
+from fcsft.bfcl_prompts import BFCL_TO_JSON_SCHEMA
+from fcsft.chat_formats import NO_TOOL_FITS_REPLY, MalformedRow, python_type_to_schema, xlam_to_messages, xlam_tool_to_schema
 
 ROLES = ("system", "user", "assistant", "tool")
 JSON_SCHEMA_TYPES = {"string", "number", "integer", "boolean", "array", "object", "null"}
@@ -764,7 +764,7 @@ def toolace_to_messages(row):
 
 
 def xlam_row_to_messages(row):
-    """xlam-function-calling-60k rows through function_calling.xlam_to_messages, then the same checks."""
+    """xlam-function-calling-60k rows through chat_formats.xlam_to_messages, then the same checks."""
     example = xlam_to_messages(row)
     return finish(example["messages"], example["tools"])
 

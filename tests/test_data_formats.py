@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import function_calling as fc
+import fcsft.chat_formats as fc
 from fcsft import data_formats as df
 
 # --- shared helpers: normal-form pieces, and a tiny tokenizer with the real Qwen2.5 chat template ------------------
