@@ -331,9 +331,9 @@ def load_and_convert(source, number, args, seed, bfcl):
     bad = sum(stats["skipped"].values())
     if stats["rows"] == 0 or bad > args.max_malformed_fraction * stats["rows"]:
         first = "; ".join(f"first {reason}: {row[:120]}" for reason, row in stats["first_bad"].items())
-        raise UserError(f"{bad} of {stats['rows']} rows of {source.path} ({data_format}) are malformed, more than "
-                        f"max_malformed_fraction={args.max_malformed_fraction}: {dict(stats['skipped'])}"
-                        + (f" ({first})" if first else ""))
+        raise UserError(f"{bad} of {stats['rows']} rows of {source.path} are malformed, more than "
+                        f"max_malformed_fraction={args.max_malformed_fraction}: {dict(stats['skipped'])} "
+                        f"(read as {data_format}" + (f"; {first})" if first else ")"))
     random.Random(seed + number).shuffle(examples)  # the mixture takes the first rows of each source
     return examples, stats
 

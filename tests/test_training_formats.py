@@ -142,7 +142,7 @@ def test_checks_are_counted_by_reason_with_the_first_offending_row(tmp_path, cap
     assert dict(stats["skipped"]) == {"bad_arguments": 2, "unknown_tool": 1, "orphan_tool_result": 1, "no_trained_turn": 1}
     assert stats["first_bad"]["bad_arguments"].startswith("row 10: ") and "get_date" in stats["first_bad"]["unknown_tool"]
     assert re.search(r"bad_arguments\s+2  \(first: row 10", caplog.text)
-    with pytest.raises(UserError, match=r"5 of 15 rows of .*mixed.jsonl \(openai\) are malformed.*first bad_arguments: row 10"):
+    with pytest.raises(UserError, match=r"5 of 15 rows of .*mixed.jsonl are malformed.*\(read as openai; first bad_arguments: row 10"):
         build(path, max_malformed_fraction=0.1)
 
 
