@@ -43,10 +43,10 @@ def main(script_args, training_args, model_args):
     from trl import SFTTrainer, get_peft_config
 
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
-    settle_launch_settings(script_args, training_args)
     if script_args.export_data:  # the data-side twin of --show_examples: the rows, no model
         export_data(script_args, training_args.seed, script_args.recipe, script_args.export_data)
         return
+    settle_launch_settings(script_args, training_args)
 
     # Data: the recipe's sources, converted, checked, transformed and mixed (every dropped row counted)
     train_dataset, eval_dataset, data_report = build_datasets(script_args, training_args.seed, script_args.recipe)
