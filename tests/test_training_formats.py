@@ -4,6 +4,7 @@ every user turn decontaminated, --export_data, --show_examples on a multi-turn r
 
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -164,6 +165,15 @@ def test_decontamination_checks_every_user_turn(tmp_path):
     train, _, report = build(write_jsonl(tmp_path / "contaminated.jsonl", rows), decontaminate=True)
     assert report["sources"][0]["decontaminated"] == 1 and len(train) == 9
     assert report["sources"][0]["decontaminated_example"].startswith(repr(question[:100]))
+
+
+def test_weight_zero_needs_the_assistant_only_loss(assets):
+    """Without assistant_only_loss the whole text is trained, so weight 0 would mean nothing: stop before the model."""
+    model_args = SimpleNamespace(model_name_or_path=str(assets / "tiny-qwen2"), model_revision=None)
+    with pytest.raises(UserError, match="1 assistant turns have weight 0 .* only assistant_only_loss: true honours"):
+        training_data.weight_zero_tokenizer(model_args, SimpleNamespace(assistant_only_loss=False), {"untrained_turns": 1})
+    no_weights = training_data.weight_zero_tokenizer(model_args, SimpleNamespace(assistant_only_loss=False), {"untrained_turns": 0})
+    assert no_weights is None  # the trainer loads the tokenizer itself, as before
 
 
 # --- what the model is trained on ------------------------------------------------------------------------------------
