@@ -2,6 +2,7 @@
 
     accelerate launch --config_file accelerate_configs/fsdp_full.yaml train_sft.py recipes/xlam.yaml
     python train_sft.py recipes/demo_cpu.yaml --show_examples 2        # what the model sees, no training
+    python train_sft.py recipes/xlam_blend.yaml --export_data rows.jsonl # the training rows, no model loaded
     accelerate launch ... train_sft.py RECIPE.yaml --learning_rate 1e-5 # flags override the recipe
 
 The recipe is a YAML file of SFTConfig / ModelConfig / ScriptArguments keys (fcsft/recipe.py); an unknown key is an
@@ -25,7 +26,14 @@ from fcsft.distributed import enable_fsdp_on_cpu, verify_fsdp_applied
 from fcsft.errors import exit_on_user_error
 from fcsft.recipe import model_init_kwargs, parse_recipe, settle_launch_settings
 from fcsft.step_profile import make_profile_callback
-from fcsft.training_data import build_datasets, show_examples, source_configs
+from fcsft.training_data import (
+    build_datasets,
+    export_data,
+    restore_chat_template,
+    show_examples,
+    source_configs,
+    weight_zero_tokenizer,
+)
 
 logger = logging.getLogger("train_sft")
 
@@ -35,6 +43,9 @@ def main(script_args, training_args, model_args):
     from trl import SFTTrainer, get_peft_config
 
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
+    if script_args.export_data:  # the data-side twin of --show_examples: the rows, no model
+        export_data(script_args, training_args.seed, script_args.recipe, script_args.export_data)
+        return
     settle_launch_settings(script_args, training_args)
 
     # Data: the recipe's sources, converted, checked, transformed and mixed (every dropped row counted)
@@ -45,7 +56,8 @@ def main(script_args, training_args, model_args):
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     trainer_class = with_bfcl_eval(SFTTrainer) if script_args.bfcl_eval_dir else SFTTrainer
     trainer = trainer_class(model=model_args.model_name_or_path, args=training_args, train_dataset=train_dataset,
-                            eval_dataset=eval_dataset, peft_config=get_peft_config(model_args))
+                            eval_dataset=eval_dataset, peft_config=get_peft_config(model_args),
+                            processing_class=weight_zero_tokenizer(model_args, training_args, data_report))
     verify_fsdp_applied(trainer.accelerator)
     if script_args.show_examples:
         if trainer.accelerator.is_main_process:
@@ -76,6 +88,7 @@ def main(script_args, training_args, model_args):
 
     # The final model: one Hugging Face checkpoint gathered from the FSDP shards, and TRL's model card
     if script_args.save_final_model:
+        restore_chat_template(trainer.processing_class)  # weight 0's training template is not the model's
         save_final_model(trainer, training_args.output_dir, check_adapter=adapter_under_fsdp)
         if trainer.accelerator.is_main_process:
             datasets = ", ".join(source.path for source in source_configs(script_args))

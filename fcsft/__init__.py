@@ -7,6 +7,7 @@ over these modules. Nothing here imports a script, and the modules import each o
     errors            UserError, the one exception for bad input; the scripts turn it into one line and exit 1
     recipe            train_sft.py's recipe: ScriptArguments, parsing YAML + flags, the launch checks
     chat_formats      training rows -> chat messages: xLAM, messages, prompt/completion, Dolly
+    data_formats      OpenAI, ShareGPT, Hermes, Glaive, ToolACE, APIGen-MT (+ auto) -> TRL conversational rows; checks
     training_data     sources, mixtures and the data recipe's transforms; per-source report
     decontamination   BFCL v4 test questions, and matching training requests against them
     bfcl_data         BFCL categories, data files and result files (resumable, atomic)

@@ -76,7 +76,9 @@ class BfclQuestions:
         return None
 
 
-def request_text(example):
+def request_texts(example):
+    """What is compared with BFCL's questions: every user turn of a conversation (a row is dropped if any one
+    matches: a copied question may sit in a later turn), or a prompt/completion row's prompt."""
     if "messages" in example:
-        return "\n".join(m["content"] for m in example["messages"] if m["role"] == "user" and isinstance(m.get("content"), str))
-    return example["prompt"]
+        return [m["content"] for m in example["messages"] if m["role"] == "user" and isinstance(m.get("content"), str)]
+    return [example["prompt"]]

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ScriptArguments:
     dataset_name: str = field(default=None, metadata={"help": "Hub dataset id, or a local .json/.jsonl/.parquet file."})
-    dataset_format: str = field(default="xlam", metadata={"help": f"One of {FORMATS}."})
+    dataset_format: str = field(default="xlam", metadata={"help": f"One of {FORMATS} (docs/data_formats.md)."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "Split to read from the dataset."})
     datasets: list[SourceConfig] = field(default_factory=list, metadata={
@@ -31,17 +31,20 @@ class ScriptArguments:
     eval_split_size: float = field(default=0.0, metadata={"help": "Held-out eval rows: a fraction (<1) or a count."})
     max_malformed_fraction: float = field(default=0.01, metadata={"help": "Fail when more rows than this are malformed."})
     irrelevance_fraction: float = field(default=0.0, metadata={
-        "help": "Share of xlam rows made 'no listed tool fits' (called tools removed, plain reply)."})
+        "help": "Share of single-call rows made 'no listed tool fits' (called tools removed, plain reply)."})
     irrelevance_reply: str = field(default=NO_TOOL_FITS_REPLY, metadata={
         "help": "The assistant's reply when no listed tool fits."})
     function_masking_fraction: float = field(default=0.0, metadata={
-        "help": "Share of xlam rows whose function and parameter names become random identifiers."})
-    extra_tools: int = field(default=0, metadata={"help": "Tools from other rows added to each xlam row's tool list."})
+        "help": "Share of rows with tools whose function and parameter names become random identifiers (all turns)."})
+    extra_tools: int = field(default=0, metadata={"help": "Tools from other rows added to each single-call row's tool list."})
     curriculum: bool = field(default=False, metadata={"help": "Simple rows first, complex last (sequential sampler)."})
     decontaminate: bool = field(default=True, metadata={"help": "Drop rows whose request matches a BFCL v4 test question."})
     decontamination_data_dir: str | None = field(default=None, metadata={
         "help": "BFCL_v4_*.json to decontaminate against (default: the installed bfcl-eval's)."})
     show_examples: int = field(default=0, metadata={"help": "Print N rendered examples with the trained span marked, then exit."})
+    export_data: str | None = field(default=None, metadata={
+        "help": "Write the training rows (after conversion and the data recipe) to this .jsonl, print the counts, exit: "
+                "no model is loaded."})
     wandb_project: str | None = field(default=None, metadata={"help": "W&B project (WANDB_PROJECT)."})
     epoch_checkpoints: bool = field(default=False, metadata={"help": "Save a HF checkpoint per epoch in output_dir/checkpoints/epN."})
     hub_push_epochs: str | None = field(default=None, metadata={"help": "Push each epoch: 'branch', 'repo' or 'both'."})

@@ -1,18 +1,21 @@
 """Training data for train_sft.py: load each source, convert it to the trainer's format, and apply the data recipe.
 
 A recipe names one dataset (`dataset_name`, `dataset_format`) or a mixture (`datasets:`, TRL's DatasetConfig keys
-plus `format`), and the transforms that train the whole BFCL score, not only the call-a-tool categories:
+plus `format`). Formats: every converter of data_formats.py (openai, messages, sharegpt, hermes, glaive, toolace,
+apigen_mt, xlam) into TRL's conversational rows, `auto` (detected from the columns; the log says which), and
+prompt_completion / dolly. The transforms train the whole BFCL score, not only the call-a-tool categories:
 
-    irrelevance_fraction        share of xlam rows made "no listed tool fits": the called tools are removed from the
-                                list and the reply is plain text with no call (BFCL's irrelevance categories)
-    function_masking_fraction   share of xlam rows whose function and parameter names become random identifiers,
-                                the same in the tool list and the answer (Hammer's function masking)
-    extra_tools                 tools from other rows added to each xlam row's list (selection practice, long prompts)
+    irrelevance_fraction        share of single-call rows made "no listed tool fits": the called tools are removed
+                                from the list and the reply is plain text with no call (BFCL's irrelevance categories)
+    function_masking_fraction   share of rows with tools whose function and parameter names become random identifiers,
+                                the same in the tool list and in every turn (Hammer's function masking)
+    extra_tools                 tools from other rows added to each single-call row's list (selection practice)
     curriculum                  simple rows first (one call, few tools), complex ones last, in that order
-    decontaminate               drop rows whose request matches a BFCL v4 test question (on by default)
+    decontaminate               drop rows any of whose user turns matches a BFCL v4 test question (on by default)
 
-Every dropped row is counted by source and reason; build_datasets returns that report, which train_sft.py logs and
-writes into run_summary.json.
+xlam rows keep their own path (parse, transform the xLAM dicts, then convert), which gives the demo's rows exactly;
+the other conversational formats are transformed on the normal form (data_formats.py). Every dropped row is counted
+by source and reason; build_datasets returns that report, which train_sft.py logs and writes into run_summary.json.
 """
 
 import json
@@ -26,15 +29,14 @@ from pathlib import Path
 from trl.scripts.utils import DatasetConfig
 
 import fcsft.chat_formats as fc
-from fcsft.decontamination import BfclQuestions, request_text
+import fcsft.data_formats as df
+from fcsft.decontamination import BfclQuestions, request_texts
 from fcsft.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("xlam", "messages", "prompt_completion", "dolly")
-CONVERTERS = {"messages": fc.check_messages_row, "prompt_completion": fc.check_prompt_completion_row,
-              "dolly": fc.dolly_to_prompt_completion}
-CONVERSATIONAL = ("xlam", "messages")
+PROMPT_COMPLETION = {"prompt_completion": fc.check_prompt_completion_row, "dolly": fc.dolly_to_prompt_completion}
+FORMATS = (*df.FORMATS, *PROMPT_COMPLETION)  # auto, the conversational converters, then prompt/completion ones
 
 
 @dataclass
@@ -52,6 +54,8 @@ def source_configs(args, recipe=None):
     if not args.datasets:
         if not args.dataset_name:
             raise UserError(f"the recipe {recipe} must set dataset_name or datasets")
+        if args.dataset_format not in FORMATS:
+            raise UserError(f"dataset_format '{args.dataset_format}' in {recipe} is not one of {FORMATS}")
         return [SourceConfig(path=args.dataset_name, name=args.dataset_config, split=args.dataset_split,
                              format=args.dataset_format)]
     known = {f.name for f in fields(SourceConfig)}
@@ -71,10 +75,15 @@ def source_configs(args, recipe=None):
     for source in sources:
         if source.format not in FORMATS:
             raise UserError(f"dataset {source.path} in {recipe}: format '{source.format}' is not one of {FORMATS}")
-    if len({s.format in CONVERSATIONAL for s in sources}) > 1:
-        raise UserError(f"{recipe} mixes conversational (xlam, messages) and prompt/completion datasets: "
-                 "the trainer takes one kind per run")
+    check_one_kind([s.format for s in sources if s.format != "auto"], recipe)
     return sources
+
+
+def check_one_kind(formats, recipe):
+    """The trainer takes conversational rows or prompt/completion pairs, not both in one run."""
+    if len({f in PROMPT_COMPLETION for f in formats}) > 1:
+        raise UserError(f"{recipe} mixes conversational ({', '.join(df.CONVERTERS)}) and prompt/completion datasets "
+                        f"({', '.join(sorted(set(formats) & set(PROMPT_COMPLETION)))}): the trainer takes one kind per run")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,24 +221,83 @@ def convert_xlam_source(raw, args, seed, report):
     return examples
 
 
-def convert_source(raw, source, args, seed, report):
-    if source.format == "xlam":
+def resolve_source_format(raw, source):
+    """The source's concrete format: its `format`, or the one `auto` reads off the columns (and the first row)."""
+    try:
+        return df.resolve_format(source.format, raw.column_names, raw[0] if len(raw) else None)
+    except ValueError as err:
+        raise UserError(f"dataset {source.path}: {err}") from None
+
+
+def count_skipped(report, skipped, first_bad):
+    report["skipped"].update(skipped)
+    for reason, row in first_bad.items():
+        report["first_bad"].setdefault(reason, row)
+
+
+def convert_source(raw, data_format, args, seed, report):
+    """[(example, [transform names])] of one source in a concrete format; skipped rows counted in `report`."""
+    if data_format == "xlam":
         return convert_xlam_source(raw, args, seed, report)
+    if data_format in PROMPT_COMPLETION:
+        return convert_prompt_completion_source(raw, data_format, report)
+    conversion = df.convert_rows(raw, data_format)
+    count_skipped(report, conversion.skipped, conversion.first_bad)
+    return transform_examples(conversion.examples, args, seed, report)
+
+
+def convert_prompt_completion_source(raw, data_format, report):
     examples = []
     for index, row in enumerate(raw):
         try:
-            example = CONVERTERS[source.format](row)
+            example = PROMPT_COMPLETION[data_format](row)
         except fc.MalformedRow as err:
-            report["skipped"][err.reason] += 1
-            report["first_bad"].setdefault(err.reason, f"row {index}: {err}")
+            count_skipped(report, Counter([err.reason]), {err.reason: f"row {index}: {err}"})
             continue
-        if source.format == "messages":
-            calls = sum(len(m.get("tool_calls") or []) for m in example["messages"] if m["role"] == "assistant")
-            example["complexity"] = (max(calls, 1), len(example["tools"] or []))
-        else:
-            example["complexity"] = (1, 0)
-        examples.append((example, []))
+        examples.append(({**example, "complexity": (1, 0)}, []))
     return examples
+
+
+def transform_examples(examples, args, seed, report):
+    """The data recipe on normal-form rows of any format: irrelevance and extra tools on single-call rows, function
+    masking on every row with tools (across all its turns); the same picks as the xlam path (exact shares, one
+    random.Random per row). A transform that does not apply to a row (returns None) leaves it as it is."""
+    pool = df.tool_pool(examples)
+    rng = random.Random(seed)
+    single = [i for i, example in enumerate(examples) if df.is_single_call(example)]
+    with_tools = [i for i, example in enumerate(examples) if example.get("tools")]
+    irrelevant = pick(rng, single, args.irrelevance_fraction) if args.irrelevance_fraction else set()
+    masked = pick(rng, with_tools, args.function_masking_fraction) if args.function_masking_fraction else set()
+    out = []
+    for i, example in enumerate(examples):
+        row_rng = random.Random(f"{seed}-{i}")
+        tags = [] if df.called_names(example) else ["no_call"]
+        if i in irrelevant and (made := df.make_irrelevant(example, row_rng, pool, args.irrelevance_reply)):
+            example, tags = made, tags + ["irrelevance"]
+        if args.extra_tools and (made := df.add_extra_tools(example, row_rng, pool, args.extra_tools)):
+            example, tags = made, tags + ["extra_tools"]
+        if i in masked:
+            example, tags = df.mask_functions(example, row_rng), tags + ["masked"]
+        out.append(({**example, "complexity": df.complexity(example)}, tags))
+    for tag in ("irrelevance", "no_call", "extra_tools", "masked"):
+        report["transforms"][tag] = sum(tag in tags for _, tags in out)
+    report["untrained_turns"] = sum(df.untrained_turns(example) for example, _ in out)
+    return out
+
+
+def decontaminate(examples, bfcl, stats):
+    """The rows none of whose user turns matches a BFCL v4 question; the others counted, the first one shown."""
+    kept = []
+    for example, tags in examples:
+        hit = next(((text, match) for text in request_texts(example) if (match := bfcl.match(text))), None)
+        if hit:
+            stats["decontaminated"] += 1
+            text, (bfcl_id, question) = hit
+            stats["decontaminated_example"] = stats["decontaminated_example"] or \
+                f"{text[:100]!r} ~ BFCL {bfcl_id}: {question[:100]!r}"
+        else:
+            kept.append((example, tags))
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,6 +315,29 @@ def mixture_sizes(sizes, fractions):
     return [round(weight * total) for weight in weights]
 
 
+def load_and_convert(source, number, args, seed, bfcl):
+    """(examples, stats) of one source: loaded, converted in its (detected) format, checked, transformed and
+    decontaminated; UserError when more rows are malformed than max_malformed_fraction allows."""
+    raw = load_source(source, f"datasets[{number}]" if args.datasets else "dataset_name")
+    if args.max_samples:
+        raw = raw.shuffle(seed=seed).select(range(min(args.max_samples, len(raw))))
+    data_format = resolve_source_format(raw, source)
+    stats = {"path": source.path, "format": data_format, "detected": source.format == "auto", "rows": len(raw),
+             "skipped": Counter(), "first_bad": {}, "transforms": {}, "untrained_turns": 0, "decontaminated": 0,
+             "decontaminated_example": None}
+    examples = convert_source(raw, data_format, args, seed + number, stats)
+    if bfcl:
+        examples = decontaminate(examples, bfcl, stats)
+    bad = sum(stats["skipped"].values())
+    if stats["rows"] == 0 or bad > args.max_malformed_fraction * stats["rows"]:
+        first = "; ".join(f"first {reason}: {row[:120]}" for reason, row in stats["first_bad"].items())
+        raise UserError(f"{bad} of {stats['rows']} rows of {source.path} are malformed, more than "
+                        f"max_malformed_fraction={args.max_malformed_fraction}: {dict(stats['skipped'])} "
+                        f"(read as {data_format}" + (f"; {first})" if first else ")"))
+    random.Random(seed + number).shuffle(examples)  # the mixture takes the first rows of each source
+    return examples, stats
+
+
 def build_datasets(args, seed, recipe=None):
     """(train dataset, eval dataset or None, report) for a recipe's ScriptArguments."""
     sources = source_configs(args, recipe)
@@ -256,30 +347,10 @@ def build_datasets(args, seed, recipe=None):
                        "this model may be inflated")
     per_source, report = [], {"sources": [], "decontaminate": args.decontaminate}
     for number, source in enumerate(sources):
-        raw = load_source(source, f"datasets[{number}]" if args.datasets else "dataset_name")
-        if args.max_samples:
-            raw = raw.shuffle(seed=seed).select(range(min(args.max_samples, len(raw))))
-        stats = {"path": source.path, "format": source.format, "rows": len(raw), "skipped": Counter(), "first_bad": {},
-                 "transforms": {}, "decontaminated": 0, "decontaminated_example": None}
-        examples = convert_source(raw, source, args, seed + number, stats)
-        if bfcl:
-            kept = []
-            for example, tags in examples:
-                hit = bfcl.match(request_text(example))
-                if hit:
-                    stats["decontaminated"] += 1
-                    stats["decontaminated_example"] = stats["decontaminated_example"] or \
-                        f"{request_text(example)[:100]!r} ~ BFCL {hit[0]}: {hit[1][:100]!r}"
-                else:
-                    kept.append((example, tags))
-            examples = kept
-        bad = sum(stats["skipped"].values())
-        if stats["rows"] == 0 or bad > args.max_malformed_fraction * stats["rows"]:
-            raise UserError(f"{bad} of {stats['rows']} rows of {source.path} are malformed, more than "
-                     f"max_malformed_fraction={args.max_malformed_fraction}: {dict(stats['skipped'])}")
-        random.Random(seed + number).shuffle(examples)  # the mixture takes the first rows of each source
+        examples, stats = load_and_convert(source, number, args, seed, bfcl)
         per_source.append(examples)
         report["sources"].append(stats)
+    check_one_kind([stats["format"] for stats in report["sources"]], recipe)  # what `auto` chose counts too
 
     empty = [s.path for s, e in zip(sources, per_source) if not e and s.fraction != 0]
     weighted = any(s.fraction is not None for s in sources)  # then one empty source empties all (TRL's rule)
@@ -300,8 +371,9 @@ def build_datasets(args, seed, recipe=None):
         # rows of equal complexity keep their shuffled order. train_sft.py makes the sampler sequential.
         rows.sort(key=lambda item: tuple(item[0]["complexity"]))
     report["train_rows"], report["eval_rows"] = len(rows), len(eval_rows)
+    report["untrained_turns"] = sum(stats["untrained_turns"] for stats in report["sources"])
     log_report(report)
-    conversational = sources[0].format in CONVERSATIONAL
+    conversational = report["sources"][0]["format"] not in PROMPT_COMPLETION
     return to_dataset(rows, conversational), (to_dataset(eval_rows, conversational) if eval_rows else None), report
 
 
@@ -320,9 +392,67 @@ def to_dataset(rows, conversational):
     return Dataset.from_list(table, features=features)
 
 
+def export_data(args, seed, recipe, path):
+    """--export_data: the rows the trainer would tokenize, one JSON object per line ({messages, tools}, or {prompt,
+    completion}), after conversion and the data recipe; eval rows (eval_split_size) go to <stem>.eval.jsonl.
+    Prints the per-source counts. No model, no tokenizer: how a user checks a conversion before training."""
+    train, held_out, report = build_datasets(args, seed, recipe)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = [(path, train)] + ([(path.with_suffix(".eval.jsonl"), held_out)] if held_out else [])
+    for target, dataset in written:
+        with open(target, "w") as f:
+            for row in dataset:
+                f.write(json.dumps(exported_row(row), ensure_ascii=False) + "\n")
+    for stats in report["sources"]:
+        skipped = sum(stats["skipped"].values())
+        print(f"{stats['path']} ({stats['format']}{', auto' if stats.get('detected') else ''}): {stats['rows']} rows, "
+              f"{skipped} skipped, {stats['decontaminated']} decontaminated, {stats['taken']} taken")
+    print(", ".join(f"wrote {len(dataset)} rows to {target}" for target, dataset in written))
+    return report
+
+
+def exported_row(row):
+    """A training dataset row as the trainer reads it: `tools` decoded from the JSON string the dataset stores."""
+    if "messages" not in row:
+        return {"prompt": row["prompt"], "completion": row["completion"]}
+    return {"messages": row["messages"], "tools": json.loads(row["tools"]) if row["tools"] else None}
+
+
+def weight_zero_tokenizer(model_args, training_args, report):
+    """None when no row has a weight-0 assistant turn (the trainer loads the tokenizer itself). Otherwise the model's
+    tokenizer with a training chat template that leaves those turns out of TRL's assistant mask
+    (data_formats.weighted_training_template), and its own template kept as `original_chat_template`, which
+    restore_chat_template puts back before the final save. UserError when the loss is not assistant-only."""
+    if not report.get("untrained_turns"):
+        return None
+    if not training_args.assistant_only_loss:
+        raise UserError(f"{report['untrained_turns']} assistant turns have weight 0 (shown, not trained), which only "
+                        "assistant_only_loss: true honours: set it, or drop the weights from the data")
+    from transformers import AutoProcessor
+    from trl.chat_template_utils import get_training_chat_template
+
+    tokenizer = AutoProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
+                                              trust_remote_code=training_args.trust_remote_code)  # as SFTTrainer does
+    tokenizer.original_chat_template = tokenizer.chat_template
+    try:
+        training_template = get_training_chat_template(tokenizer) or tokenizer.chat_template
+        tokenizer.chat_template = df.weighted_training_template(training_template)
+    except ValueError as err:
+        raise UserError(f"weight-0 turns in the data, but {model_args.model_name_or_path}'s chat template: {err}") from None
+    return tokenizer
+
+
+def restore_chat_template(tokenizer):
+    """The model's own chat template back on the tokenizer (saved with the final model) after training."""
+    if hasattr(tokenizer, "original_chat_template"):
+        tokenizer.chat_template = tokenizer.original_chat_template
+
+
 def log_report(report):
     for stats in report["sources"]:
-        logger.warning("data: %s (%s): %d rows, %d taken into the mixture", stats["path"], stats["format"],
+        detected = ", detected by format: auto" if stats.get("detected") else ""
+        logger.warning("data: %s (%s%s): %d rows, %d taken into the mixture", stats["path"], stats["format"], detected,
                        stats["rows"], stats["taken"])
         if stats["skipped"]:
             logger.warning("  skipped %d of %d rows of %s:", sum(stats["skipped"].values()), stats["rows"], stats["path"])
@@ -330,6 +460,8 @@ def log_report(report):
                 logger.warning("  %-22s %6d  (first: %s)", reason, count, stats["first_bad"][reason][:120])
         if any(stats["transforms"].values()):
             logger.warning("  transforms: %s", ", ".join(f"{k} {v}" for k, v in stats["transforms"].items() if v))
+        if stats.get("untrained_turns"):
+            logger.warning("  %d assistant turns have weight 0: shown as context, not trained", stats["untrained_turns"])
         if stats["decontaminated"]:
             logger.warning("  decontaminated: %d rows dropped as BFCL test questions (e.g. %s)", stats["decontaminated"],
                            stats["decontaminated_example"])
