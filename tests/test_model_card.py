@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 
 import eval_bfcl
 import model_card
-from fcsft import callbacks, metrics
+from fcsft import metrics
 from fcsft import model_card as fcsft_model_card
 from fcsft.errors import UserError
 
