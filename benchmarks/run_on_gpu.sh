@@ -5,6 +5,7 @@
 #   make wheels WHEEL_PYTHON=3.12 ONLY="trl datasets dill multiprocess transformers tokenizers peft"   # on a machine with network
 #   make wheels-gpu WHEEL_PYTHON=3.12
 #   bash benchmarks/run_on_gpu.sh install env tests bench eval                                       # on the GPU machine
+#   bash benchmarks/run_on_gpu.sh lease      # issue 22: all of it in one 8-minute device call, results to $OUT (LEASE.md)
 #
 # Stages run in the order given; each writes its log to $LOGS (default runs/gpu-logs) and survives the others failing.
 # BENCH_SETTINGS picks bench rows (default: the one-GPU preset); bench resumes into the same table (--resume).
@@ -49,7 +50,10 @@ for stage in "$@"; do
         2>&1 | tee "$LOGS/eval.log" | grep -vE 'generating|it/s\]' | tail -20
       cp "runs/gpu-eval-$MODEL/generation.json" "$LOGS/eval-generation.json" 2>/dev/null
       ;;
-    *) echo "unknown stage $stage (install env tests bench eval)"; exit 2 ;;
+    lease)  # one device call: install, the README's command, bench rows, eval, test-gpu; see benchmarks/LEASE.md
+      PY="$PY" WHEELHOUSE="$WHEELHOUSE" bash benchmarks/lease.sh
+      ;;
+    *) echo "unknown stage $stage (install env tests bench eval lease)"; exit 2 ;;
   esac
   echo "== $stage: $(( $(date +%s) - started ))s"
 done
