@@ -17,9 +17,11 @@ $(VENV)/.installed: requirements.txt constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(BFCL_EVAL)
 	touch $@
 
-# Tiny Qwen2-architecture model, tokenizer and xlam-schema sample data (deterministic, offline).
+# Tiny Qwen2-architecture model, tokenizer and xlam-schema sample data (deterministic, offline). DEMO_SEED changes the
+# training rows, the tokenizer, the model's initial weights and the training seed; never the held-out questions.
+DEMO_SEED ?= 0
 assets: setup
-	$(PY) make_demo_assets.py --out demo_assets
+	$(PY) make_demo_assets.py --out demo_assets --seed $(DEMO_SEED)
 
 # The main job on the offline default: FSDP across 2 CPU processes, then BFCL-style eval before/after, then the
 # before/after table and its pictures (runs/demo_cpu/before_after.png, loss_curve.png).
@@ -28,7 +30,7 @@ assets: setup
 DEMO_MAX_NEW_TOKENS := 160
 DEMO_EVAL = $(PY) eval_bfcl.py --data-dir demo_assets/bfcl_heldout --categories all --max-new-tokens $(DEMO_MAX_NEW_TOKENS) --overwrite
 demo: assets
-	$(ACCELERATE) launch --config_file accelerate_configs/cpu_fsdp_full.yaml train_sft.py recipes/demo_cpu.yaml
+	$(ACCELERATE) launch --config_file accelerate_configs/cpu_fsdp_full.yaml train_sft.py recipes/demo_cpu.yaml --seed $$((42 + $(DEMO_SEED)))
 	$(DEMO_EVAL) --model demo_assets/tiny-qwen2 --output-dir runs/demo_eval/before > runs/demo_eval_before.log
 	$(DEMO_EVAL) --model runs/demo_cpu --output-dir runs/demo_eval/after > runs/demo_eval_after.log
 	$(PY) demo_report.py --run runs/demo_cpu --before runs/demo_eval/before --after runs/demo_eval/after

@@ -20,7 +20,8 @@ from fcsft.demo_assets import build_demo_assets
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_assets", type=Path)
-    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--seed", default=0, type=int, help="training rows, tokenizer and model weights (make demo DEMO_SEED=N)")
+    parser.add_argument("--heldout-seed", default=0, type=int, help="the held-out BFCL questions (fixed across DEMO_SEED)")
     parser.add_argument("--n-train", default=2400, type=int, help="xLAM-schema training rows (make demo: one epoch)")
     parser.add_argument("--n-heldout", default=10, type=int, help="held-out BFCL entries per category")
     parser.add_argument("--vocab-size", default=2048, type=int)
@@ -29,7 +30,7 @@ def main():
     parser.add_argument("--n-dolly", default=48, type=int, help="Dolly-15k-format rows for the tiny OPT recipe test")
     args = parser.parse_args()
     build_demo_assets(args.out, args.seed, args.n_train, args.n_heldout, args.vocab_size, args.num_layers,
-                      args.hidden_size, args.n_dolly)
+                      args.hidden_size, args.n_dolly, args.heldout_seed)
 
 
 if __name__ == "__main__":

@@ -279,10 +279,10 @@ def bfcl_entry(idx, category, listed, calls, query):
     return question, {"id": entry_id, "ground_truth": ground_truth}
 
 
-def write_data(out, seed, n_train, n_heldout_per_category):
-    """The held-out split first, from its own random stream, so it is the same whatever the training size; then the
-    training rows, skipping any question that is held out."""
-    heldout_rng, train_rng = random.Random(f"heldout-{seed}"), random.Random(seed)
+def write_data(out, seed, n_train, n_heldout_per_category, heldout_seed=0):
+    """The held-out split first, from its own random stream (`heldout_seed`), so it is the same whatever the training
+    size and seed; then the training rows, skipping any question that is held out."""
+    heldout_rng, train_rng = random.Random(f"heldout-{heldout_seed}"), random.Random(seed)
     heldout = out / "bfcl_heldout"
     (heldout / "possible_answer").mkdir(parents=True, exist_ok=True)
     held_out_queries, heldout_calls = set(), []
@@ -458,10 +458,11 @@ def build_opt_model(tokenizer, seed):
     return OPTForCausalLM(config)
 
 
-def build_demo_assets(out, seed=0, n_train=2400, n_heldout=10, vocab_size=2048, num_layers=2, hidden_size=256, n_dolly=48):
+def build_demo_assets(out, seed=0, n_train=2400, n_heldout=10, vocab_size=2048, num_layers=2, hidden_size=256, n_dolly=48,
+                      heldout_seed=0):
     """Write every asset into `out` (make_demo_assets.py's flags name the arguments), saying what was written."""
     out = Path(out)
-    rows, heldout_calls = write_data(out, seed, n_train, n_heldout)
+    rows, heldout_calls = write_data(out, seed, n_train, n_heldout, heldout_seed)
     tokenizer = build_tokenizer(rows, vocab_size)
     model = build_model(tokenizer, seed, num_layers, hidden_size)
     model.save_pretrained(out / "tiny-qwen2")

@@ -40,14 +40,17 @@ def test_saved_tokenizer_cuts_text_as_it_was_trained(assets):
     assert loaded.tokenize(' in Tokyo, "Tokyo"') == ["Ġin", "ĠTokyo", ",", 'Ġ"', "Tokyo", '"']
 
 
-def test_heldout_split_does_not_depend_on_the_training_size(tmp_path):
+def test_heldout_split_does_not_depend_on_the_training_size_or_seed(tmp_path):
+    """make demo DEMO_SEED=N draws other training rows, never other held-out questions."""
     small, _ = demo_assets.write_data(tmp_path / "small", seed=0, n_train=40, n_heldout_per_category=10)
     large, _ = demo_assets.write_data(tmp_path / "large", seed=0, n_train=400, n_heldout_per_category=10)
+    other, _ = demo_assets.write_data(tmp_path / "other", seed=2, n_train=40, n_heldout_per_category=10)
     files = sorted(p.relative_to(tmp_path / "small") for p in (tmp_path / "small" / "bfcl_heldout").rglob("*.json"))
     assert len(files) == 9  # 5 categories, 4 with possible answers
     for name in files:
-        assert (tmp_path / "small" / name).read_bytes() == (tmp_path / "large" / name).read_bytes()
-    assert (len(small), len(large)) == (40, 400)
+        assert (tmp_path / "small" / name).read_bytes() == (tmp_path / "large" / name).read_bytes() \
+            == (tmp_path / "other" / name).read_bytes()
+    assert (len(small), len(large)) == (40, 400) and [r["query"] for r in small] != [r["query"] for r in other]
     held_out = {e["question"][0][0]["content"] for p in (tmp_path / "large" / "bfcl_heldout").glob("*.json")
                 for e in read_jsonl(p)}
     assert len(held_out) == 50 and not held_out & {row["query"] for row in large}
