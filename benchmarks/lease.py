@@ -680,8 +680,8 @@ def report_markdown(state, rows):
             lines.append(
                 f"| {r['setting']} | ok | {r['batch_size']} x {r['max_length']} | {r['activation_checkpointing']} | {fmt(speed, 0)} | "
                 f"{fmt(speed / reference['real_tokens_per_second_per_device'], 2) + 'x' if reference else '-'} | "
-                f"{fmt(r.get('mfu_percent'), 1)} | {fmt(r['peak_memory_gib'], 2)} | {fmt(r['estimated_peak_gib'], 2)} "
-                f"({fmt(r['estimate_error_percent'], 1)}) | {fmt(losses[0], 3)} -> {fmt(losses[-1], 3)} |")
+                f"{fmt(r.get('mfu_percent'), 1)} | {fmt(r.get('peak_memory_gib'), 2)} | {fmt(r.get('estimated_peak_gib'), 2)} "
+                f"({fmt(r.get('estimate_error_percent'), 1)}) | {fmt(losses[0], 3)} -> {fmt(losses[-1], 3)} |")
     train = state.get("train")
     if train:
         lines += ["", f"Train checks: {train['checks']}" + (f"; checkpoint {train['checkpoint']}" if train.get("checkpoint") else "")]
