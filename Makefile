@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 BFCL_EVAL := bfcl-eval==2026.3.23
 
-.PHONY: setup demo sweep-demo test test-gpu wheels wheel-list wheels-gpu assets bench clean
+.PHONY: setup demo sweep-demo test test-gpu wheels wheel-list wheels-gpu lease-wheels assets bench clean
 
 setup: $(VENV)/.installed
 
@@ -78,6 +78,12 @@ wheels-gpu:
 	grep -hE '^[A-Za-z0-9_.-]+==' requirements-gpu.txt > $(WHEELHOUSE)/gpu/requirements.txt
 	python3 -m pip download $(WHEEL_ARGS) -d $(WHEELHOUSE)/gpu -r $(WHEELHOUSE)/gpu/requirements.txt
 	@echo "wheels-gpu: $$(ls $(WHEELHOUSE)/gpu/*.whl | wc -l) wheels in $(WHEELHOUSE)/gpu/"
+
+# The wheelhouse the GPU lease carries (benchmarks/LEASE.md): what the device's Python 3.12 image lacks or has at
+# other versions, plus the GPU extras. Run on a machine with network, then carry wheelhouse/ into the device call.
+lease-wheels:
+	$(MAKE) wheels WHEEL_PYTHON=3.12 ONLY="trl datasets dill multiprocess transformers peft fsspec"
+	$(MAKE) wheels-gpu WHEEL_PYTHON=3.12
 
 clean:
 	rm -rf runs demo_assets

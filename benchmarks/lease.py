@@ -23,9 +23,23 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # the repo's scripts (bench_fsdp, estimate_memory) are imported as modules
+    sys.path.insert(0, str(REPO))  # `import fcsft` from a checkout; the scripts are run as commands, never imported
 
-GiB = 2**30
+# fcsft.bench (torch, transformers) is imported where it is used: the bookkeeping commands run several times per
+# stage and must start in a blink, before the install stage too
+from fcsft import memory_estimate  # noqa: E402
+from fcsft.metrics import (  # noqa: E402
+    GPUS,
+    GiB,
+    format_number,
+    is_cpu,
+    measured_cpu_peak_tflops,
+    mfu_percent,
+    peak_memory_gib,
+    peak_tflops_of,
+    real_token_throughput,
+)
+
 BFCL_SINGLE_TURN_PROMPTS = 3641
 # BFCL v4 single-turn categories (eval_bfcl.py's `all`) and their sizes (REFERENCE.md): 3,641 prompts
 BFCL_CATEGORIES = {"simple_python": 400, "simple_java": 100, "simple_javascript": 50, "multiple": 200, "parallel": 200,
@@ -42,11 +56,12 @@ PACKAGES = ["torch", "transformers", "trl", "accelerate", "peft", "datasets", "t
             "multiprocess", "xxhash", "regex", "pytest"]
 CORE_IMPORTS = ["transformers", "trl", "accelerate", "peft", "datasets", "bfcl_eval"]
 GPU_IMPORTS = ["liger_kernel", "bitsandbytes"]  # GPU extras: a failure is fatal only where CUDA is present
-# Candidate micro-batches for the "largest batch that fits" rows (padding-free, flex attention), with and without
-# activation checkpointing; the estimate times SAFETY must fit the device. Checkpointed rows stop at 64: beyond
-# ~28k tokens per micro-batch the step only gets longer, not faster.
-BATCHES_NO_CHECKPOINTING = [8, 12, 16, 24, 32, 40, 48, 64]
-BATCHES_CHECKPOINTING = [16, 32, 48, 64]
+# The "largest batch that fits" rows (padding-free, flex attention; fcsft.bench.GPU1_SETTINGS), largest first, without
+# and with activation checkpointing: the lease runs the first whose estimate times SAFETY fits the device (an H200
+# fits the first of each). Checkpointed rows stop at 64: beyond ~28k tokens per micro-batch the step only gets
+# longer, not faster.
+BATCHES_NO_CHECKPOINTING = ["padding_free_flex_batch_32", "padding_free_flex", "padding_free_flex_batch_4"]
+BATCHES_CHECKPOINTING = ["checkpointing_batch_64", "checkpointing_batch_32", "checkpointing_batch_16"]
 SAFETY = 1.2
 
 
@@ -272,8 +287,9 @@ def cmd_install(args):
         result.update(pip_returncode=proc.returncode, pip_stderr_tail=proc.stderr.strip()[-500:],
                       pip_seconds=round(time.perf_counter() - started, 1))
     result["imports"] = import_check(CORE_IMPORTS + GPU_IMPORTS, env)
-    versions = subprocess.run([sys.executable, "-c", "import json, sys; sys.path.insert(0, 'benchmarks'); import lease; "
-                               "print(json.dumps(lease.installed_versions(lease.PACKAGES)))"],
+    versions = subprocess.run([sys.executable, "-c", "import importlib.metadata as m, json, sys\n"
+                               "def v(n):\n    try:\n        return m.version(n)\n    except m.PackageNotFoundError:\n"
+                               "        return None\nprint(json.dumps({n: v(n) for n in sys.argv[1:]}))", *PACKAGES],
                               capture_output=True, text=True, env=env, cwd=REPO)
     result["packages_after"] = json.loads(versions.stdout) if versions.returncode == 0 else None
     check = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, env=env)
@@ -329,7 +345,7 @@ def write_bfcl_sample(source, dest, every):
 
 
 def cmd_prep(args):
-    import bench_fsdp
+    from fcsft import bench
 
     state = state_dir()
     assets = Path(args.assets)
@@ -345,7 +361,7 @@ def cmd_prep(args):
             building = state / "benchwork" / "models-building"  # renamed when complete: a killed build is never reused
             shutil.rmtree(building, ignore_errors=True)
             started = time.perf_counter()
-            bench_fsdp.random_init_model_dir(args.model, tokenizer, building)
+            bench.random_init_model_dir(args.model, tokenizer, building)
             models.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(model_dir, ignore_errors=True)
             os.replace(building / args.model, model_dir)
@@ -353,9 +369,9 @@ def cmd_prep(args):
             print(f"prep: random-init {args.model} in {time.perf_counter() - started:.0f}s -> {model_dir}")
     rows = state / "xlam_rows.jsonl"
     if not rows.is_file() or sum(1 for _ in rows.open()) != args.rows:
-        bench_fsdp.write_xlam_rows(rows, args.rows, seed=0)  # bench_fsdp.py --rows N builds the same rows (seed 0)
-    lengths, completions = bench_fsdp.token_lengths(rows, tokenizer)
-    data = bench_fsdp.describe_lengths(lengths, completions)
+        bench.write_xlam_rows(rows, args.rows, seed=0)  # bench_fsdp.py --rows N builds the same rows (seed 0)
+    lengths, completions = bench.token_lengths(rows, tokenizer)
+    data = bench.describe_lengths(lengths, completions)
     sample, full = write_bfcl_sample(bfcl_data_dir(), state / "bfcl_sample", args.eval_every)
     prep = {"model": args.model, "model_dir": str(model_dir), "tokenizer": str(tokenizer), "assets": str(assets),
             "rows_path": str(rows), "data": {**data, "lengths": lengths}, "bfcl_sample_every": args.eval_every,
@@ -373,38 +389,29 @@ def cmd_prep(args):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def peak_tflops_for(device):
-    import bench_fsdp
-
-    return next((v for k, v in bench_fsdp.GPU_PEAK_TFLOPS.items() if k in device), None)
-
-
 def train_metrics(summary, data, peak_tflops, warmup_steps):
-    """Throughput, MFU, peak memory against estimate_memory.py and the checks, from run_summary.json alone."""
-    import bench_fsdp
-    import estimate_memory
+    """Throughput, MFU, peak memory (GiB) against fcsft.memory_estimate and the checks, from run_summary.json alone."""
+    from fcsft import bench
 
     settings, config = summary["settings"], summary["model_config"]
-    on_gpu = "peak_allocated_gb" in summary["peak_memory_per_rank"][0]
-    measured = bench_fsdp.measure(summary, warmup_steps)
-    flops = estimate_memory.flops_per_token(config, summary["attention_span"])
-    tokens_per_s = measured["real_tokens_per_second_per_device"]
-    peak_gb, reserved_gb, what = bench_fsdp.peak_memory(summary)
+    measured = real_token_throughput(summary, warmup_steps)
+    peak_gib, what = peak_memory_gib(summary)
+    reserved = [r.get("peak_reserved_gib") for r in summary["peak_memory_per_rank"]]
     accumulation = settings.get("gradient_accumulation_steps") or 1
     knobs = {"per_device_train_batch_size": settings["per_device_train_batch_size"], "max_length": settings["max_length"],
              "packing": bool(settings.get("packing")), "padding_free": bool(settings.get("padding_free")),
              "train_sampling_strategy": settings.get("train_sampling_strategy") or "random"}
     checkpointing = bool(settings.get("activation_checkpointing") or settings.get("gradient_checkpointing"))
-    _, row_length = bench_fsdp.worst_micro_batch(data["lengths"], knobs, summary["global_step"] * accumulation,
-                                                 summary["num_processes"])
-    setup = estimate_memory.Setup(
+    _, row_length = bench.worst_micro_batch(data["lengths"], knobs, summary["global_step"] * accumulation,
+                                            summary["num_processes"])
+    setup = memory_estimate.Setup(
         world_size=summary["num_processes"], strategy="full_shard", dtype=settings.get("dtype") or "float32",
         mixed_precision="bf16" if settings.get("bf16") else "no", activation_checkpointing=checkpointing,
         batch_size=knobs["per_device_train_batch_size"], seq_len=round(row_length),
         padding_free=knobs["padding_free"] or knobs["packing"], attention=settings.get("attn_implementation") or "sdpa",
         loss_fraction=data["assistant_token_fraction"], gradient_accumulation_steps=accumulation,
-        device="cuda" if on_gpu else "cpu")
-    estimated_gb = estimate_memory.estimate(config, setup)["peak"] / 1e9
+        device="cuda" if what == "max_memory_allocated" else "cpu")
+    estimated_gib = memory_estimate.estimate(config, setup)["peak"] / GiB
     losses = [log["loss"] for log in summary["log_history"] if "loss" in log]
     sharding = summary.get("sharding", {})
     metrics = {
@@ -412,10 +419,12 @@ def train_metrics(summary, data, peak_tflops, warmup_steps):
         "gradient_accumulation_steps": accumulation, "max_length": knobs["max_length"], "activation_checkpointing": checkpointing,
         "sampler": knobs["train_sampling_strategy"], "attn_implementation": setup.attention, "steps": summary["global_step"],
         "warmup_steps_excluded": warmup_steps, **measured, "attention_span": summary["attention_span"],
-        "flops_per_token": flops, "peak_tflops": peak_tflops,
-        "mfu_percent": 100 * tokens_per_s * flops / (peak_tflops * 1e12) if peak_tflops else None,
-        "peak_memory_gb": peak_gb, "peak_reserved_gb": reserved_gb, "memory_measure": what,
-        "estimated_peak_gb": estimated_gb, "estimate_error_percent": 100 * (estimated_gb - peak_gb) / peak_gb,
+        "peak_tflops": peak_tflops,
+        "mfu_percent": mfu_percent(measured["real_tokens_per_second_per_device"], config, summary["attention_span"],
+                                   peak_tflops),
+        "peak_memory_gib": peak_gib, "peak_reserved_gib": max(reserved) if None not in reserved else None,
+        "memory_measure": what, "estimated_peak_gib": estimated_gib,
+        "estimate_error_percent": 100 * (estimated_gib - peak_gib) / peak_gib,
         "losses": losses, "train_seconds": summary.get("train_seconds"), "device": summary.get("device"),
         "sharding": {k: sharding.get(k) for k in ("parameter_dtypes", "compute_dtype", "dtensor_parameters", "parameters")},
     }
@@ -430,12 +439,18 @@ def train_metrics(summary, data, peak_tflops, warmup_steps):
     return metrics
 
 
+def train_peak_tflops(device):
+    """Peak FLOP/s for the train stage's MFU: the datasheet on a GPU; on CPU the matmul rate of all this process's
+    threads (the train stage is one process using every core)."""
+    import torch
+
+    return peak_tflops_of(device, measured_cpu_peak_tflops(threads=torch.get_num_threads()) if is_cpu(device) else None)
+
+
 def load_checkpoint_check(folder, config):
     """The saved final model loads as a plain (non-DTensor) model of the right size and generates."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import estimate_memory
 
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -443,14 +458,14 @@ def load_checkpoint_check(folder, config):
                                                  device_map={"": device})
     tokenizer = AutoTokenizer.from_pretrained(folder)
     parameters = sum(p.numel() for p in model.parameters())
-    expected = estimate_memory.parameter_counts(estimate_memory.shape_of(config))["total"]
+    expected = memory_estimate.parameter_counts(memory_estimate.shape_of(config))["total"]
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "weather in Oslo?"}], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True).to(device)
     generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
     weights = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
     return {"parameters": parameters, "expected_parameters": expected, "dtensors": sum(type(p).__name__ == "DTensor"
             for p in model.parameters()), "generated_tokens": generated.shape[1] - prompt["input_ids"].shape[1],
-            "weights_gb": round(weights / 1e9, 2), "seconds": round(time.perf_counter() - started, 1),
+            "weights_gib": round(weights / GiB, 2), "seconds": round(time.perf_counter() - started, 1),
             "ok": parameters == expected and generated.shape[1] > prompt["input_ids"].shape[1]}
 
 
@@ -458,21 +473,15 @@ def cmd_train_check(args):
     state = read_state()
     folder = state_dir() / "train"
     summary = json.loads((folder / "run_summary.json").read_text())
-    device = state.get("env", {}).get("device", "")
-    peak = peak_tflops_for(device) if "cpu" not in device else None
-    if peak is None and "cpu" in device:
-        import bench_fsdp
-        import torch
-
-        peak = bench_fsdp.measured_cpu_peak_tflops(threads=torch.get_num_threads())
+    peak = train_peak_tflops(state.get("env", {}).get("device", ""))
     metrics = train_metrics(summary, state["prep"]["data"], peak, args.warmup_steps)
     if args.load:
         metrics["checkpoint"] = load_checkpoint_check(folder, summary["model_config"])
         metrics["checks"]["checkpoint_loads"] = metrics["checkpoint"]["ok"]
     update("train", metrics)
     print(f"train: {metrics['real_tokens_per_second_per_device']:.0f} real tokens/s, MFU "
-          f"{fmt(metrics['mfu_percent'], 1)}%, peak {metrics['peak_memory_gb']:.2f} GB (estimate "
-          f"{metrics['estimated_peak_gb']:.2f}, {metrics['estimate_error_percent']:+.1f}%), loss "
+          f"{fmt(metrics['mfu_percent'], 1)}%, peak {metrics['peak_memory_gib']:.2f} GiB (estimate "
+          f"{metrics['estimated_peak_gib']:.2f}, {metrics['estimate_error_percent']:+.1f}%), loss "
           f"{metrics['losses'][0]:.3f} -> {metrics['losses'][-1]:.3f}; checks {metrics['checks']}")
     if not all(metrics["checks"].values()):
         sys.exit(1)
@@ -483,46 +492,36 @@ def cmd_train_check(args):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def largest_batch(config, lengths, loss_fraction, checkpointing, device_gib, candidates):
-    """The largest padding-free flex-attention micro-batch whose estimate_memory.py peak x SAFETY fits device_gib."""
-    import bench_fsdp
+def largest_that_fits(names, config, lengths, loss_fraction, device_gib):
+    """(setting name, estimated peak GiB) of the first of `names` (fcsft.bench.GPU1_SETTINGS, largest first) whose
+    fcsft.memory_estimate peak for this data x SAFETY fits device_gib; the last (smallest) when none does."""
+    from fcsft import bench
 
-    best = None
-    for rows in candidates:
-        knobs = {**bench_fsdp.REFERENCE_KNOBS, "padding_free": True, "max_length": None,
-                 "attn_implementation": "flex_attention", "per_device_train_batch_size": rows,
-                 "activation_checkpointing": checkpointing}
-        peak = bench_fsdp.estimate_run(config, knobs, "full_shard", lengths, loss_fraction, 16, 1, True)["peak"]
-        if peak * SAFETY / GiB <= device_gib:
-            best = (rows, peak / GiB)
-    return best
+    catalogue = {s.name: s for s in bench.GPU1_SETTINGS}
+    for name in names:
+        setting = catalogue[name]
+        knobs = {**bench.REFERENCE_KNOBS, **setting.recipe}
+        peak_gib = bench.estimate_run(config, knobs, setting.strategy, lengths, loss_fraction, 16, 1, True)["peak"] / GiB
+        if peak_gib * SAFETY <= device_gib:
+            return name, peak_gib
+    return names[-1], peak_gib
 
 
 def bench_settings(device_gib, data, config):
-    """Setting names for this lease, in the order they run, and the extra settings to register with bench_fsdp."""
-    import bench_fsdp
-
-    off = largest_batch(config, data["lengths"], data["assistant_token_fraction"], False, device_gib, BATCHES_NO_CHECKPOINTING)
-    on = largest_batch(config, data["lengths"], data["assistant_token_fraction"], True, device_gib, BATCHES_CHECKPOINTING)
-    off_rows, on_rows = (off or (8, 0))[0], (on or (32, 0))[0]
-    flex = {"padding_free": True, "max_length": None, "attn_implementation": "flex_attention"}
-    off_name = "padding_free_flex" if off_rows == 8 else f"padding_free_flex_batch_{off_rows}"
-    on_name = f"checkpointing_batch_{on_rows}"
-    extra = [bench_fsdp.Setting(off_name, {**flex, "per_device_train_batch_size": off_rows}, needs="flex",
-                                note=f"the largest padding-free batch without checkpointing that fits {device_gib:.0f} GiB "
-                                     f"(estimate {off[1] if off else 0:.0f} GiB x {SAFETY})"),
-             bench_fsdp.Setting(on_name, {**flex, "per_device_train_batch_size": on_rows, "activation_checkpointing": True},
-                                needs="flex", note=f"the largest checkpointed padding-free batch tried (<= 64 rows) that fits "
-                                                   f"(estimate {on[1] if on else 0:.0f} GiB x {SAFETY})")]
-    names = ["trl_defaults", off_name, "liger", on_name, "xlam_recipe"]  # xlam_recipe last: the train stage is that row
-    return names, extra
+    """Setting names for this lease, in the order they run, and how the two sized rows were chosen."""
+    sized = {}
+    for key, names in (("no_checkpointing", BATCHES_NO_CHECKPOINTING), ("checkpointing", BATCHES_CHECKPOINTING)):
+        name, peak_gib = largest_that_fits(names, config, data["lengths"], data["assistant_token_fraction"], device_gib)
+        sized[key] = {"setting": name, "estimated_peak_gib": round(peak_gib, 1), "safety": SAFETY,
+                      "device_gib": round(device_gib, 1)}
+    # xlam_recipe last: the train stage is that row
+    names = ["trl_defaults", sized["no_checkpointing"]["setting"], "liger", sized["checkpointing"]["setting"], "xlam_recipe"]
+    return names, sized
 
 
 def cmd_bench(args):
-    """bench_fsdp.py with this lease's rows: TRL's defaults, checkpointing off/on at the largest batch that fits, Liger,
-    the recipe's data settings. The two sized rows are registered with bench_fsdp's one-GPU list for this run only."""
-    import bench_fsdp
-    import estimate_memory
+    """bench_fsdp.py (run as a command) with this lease's rows: TRL's defaults, checkpointing off/on at the largest
+    batch that fits, Liger, the recipe's data settings."""
     import torch
 
     state = read_state()
@@ -530,24 +529,21 @@ def cmd_bench(args):
     if torch.cuda.is_available():
         device_gib = torch.cuda.get_device_properties(0).total_memory / GiB
     else:  # the rehearsal sizes the rows for an H200, so that it runs the same names
-        device_gib = estimate_memory.GPUS_GB["h200"]
+        device_gib = GPUS["h200"]["usable_gib"]
     # the rehearsal's tiny model is sized as the GPU's 3B, so that it runs the same setting names
-    config = estimate_memory.load_config("qwen2.5-3b" if prep["model"] == "tiny" else prep["model"])
-    names, extra = bench_settings(device_gib, prep["data"], config)
-    known = {s.name for s in bench_fsdp.GPU1_SETTINGS}
-    bench_fsdp.GPU1_SETTINGS.extend(s for s in extra if s.name not in known)
-    update("bench_plan", {"settings": names, "device_gib": round(device_gib, 1),
-                          "extra": [{"name": s.name, "recipe": s.recipe, "note": s.note} for s in extra]})
-    sys.argv = ["bench_fsdp.py", *args.bench_args, "--settings", ",".join(names)]
-    print("bench: " + " ".join(sys.argv), flush=True)
-    bench_fsdp.main()
+    config = memory_estimate.load_config("qwen2.5-3b" if prep["model"] == "tiny" else prep["model"])
+    names, sized = bench_settings(device_gib, prep["data"], config)
+    update("bench_plan", {"settings": names, "sized": sized})
+    command = [sys.executable, "bench_fsdp.py", *args.bench_args, "--settings", ",".join(names)]
+    print("bench: " + " ".join(command[1:]), flush=True)
+    sys.exit(subprocess.run(command, cwd=REPO).returncode)
 
 
 def bench_rows(runs):
-    """One row per setting from bench_fsdp's runs.json: the median run if any succeeded, else the last attempt."""
-    import bench_fsdp
+    """One row per setting from bench_fsdp.py's runs.json: the median run if any succeeded, else the last attempt."""
+    from fcsft import bench
 
-    return [bench_fsdp.median_run(attempts) for attempts in runs.values() if attempts]
+    return [bench.median_run(attempts) for name, attempts in runs.items() if not name.startswith("_") and attempts]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -602,9 +598,8 @@ def cmd_test_record(args):
 
 
 def fmt(value, digits=1):
-    if value is None or value == "":
-        return "-"
-    return f"{value:,.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+    """fcsft.metrics.format_number, with "-" for nothing measured."""
+    return format_number(float(value) if isinstance(value, int) and not isinstance(value, bool) else value, digits) or "-"
 
 
 def targets(state, rows):
@@ -675,7 +670,7 @@ def report_markdown(state, rows):
     if measured:
         reference = next((r for r in rows if r.get("setting") == "trl_defaults" and r.get("status") == "ok"), None)
         lines += ["", "| row | status | batch x max_length | checkpointing | real tokens/s | vs trl_defaults | MFU % | "
-                      "peak GB | estimate GB (err %) | loss first -> last |", "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+                      "peak GiB | estimate GiB (err %) | loss first -> last |", "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
         for r in measured:
             if r.get("status") != "ok":
                 lines.append(f"| {r['setting']} | {r['status'][:120]} | | | | | | | | |")
@@ -685,8 +680,8 @@ def report_markdown(state, rows):
             lines.append(
                 f"| {r['setting']} | ok | {r['batch_size']} x {r['max_length']} | {r['activation_checkpointing']} | {fmt(speed, 0)} | "
                 f"{fmt(speed / reference['real_tokens_per_second_per_device'], 2) + 'x' if reference else '-'} | "
-                f"{fmt(r.get('mfu_percent'), 1)} | {fmt(r['peak_memory_gb'], 2)} | {fmt(r['estimated_peak_gb'], 2)} "
-                f"({fmt(r['estimate_error_percent'], 1)}) | {fmt(losses[0], 3)} -> {fmt(losses[-1], 3)} |")
+                f"{fmt(r.get('mfu_percent'), 1)} | {fmt(r.get('peak_memory_gib'), 2)} | {fmt(r.get('estimated_peak_gib'), 2)} "
+                f"({fmt(r.get('estimate_error_percent'), 1)}) | {fmt(losses[0], 3)} -> {fmt(losses[-1], 3)} |")
     train = state.get("train")
     if train:
         lines += ["", f"Train checks: {train['checks']}" + (f"; checkpoint {train['checkpoint']}" if train.get("checkpoint") else "")]
@@ -745,7 +740,7 @@ def cmd_collect(args):
     if (source / OUT_FILES["train"]).is_file() and state.get("prep"):
         summary = json.loads((source / OUT_FILES["train"]).read_text())
         train = train_metrics(summary, state["prep"]["data"], (state.get("train") or {}).get("peak_tflops")
-                              or peak_tflops_for(state.get("env", {}).get("device", "")), args.warmup_steps)
+                              or peak_tflops_of(state.get("env", {}).get("device", "")), args.warmup_steps)
         if (state.get("train") or {}).get("checkpoint"):
             train["checkpoint"] = state["train"]["checkpoint"]
             train["checks"]["checkpoint_loads"] = train["checkpoint"]["ok"]

@@ -2,8 +2,8 @@
 # The GPU measurements in BENCHMARKS.md, as they were run: on a GPU machine with no network whose Python already has
 # torch (CUDA build), accelerate and the scientific stack, but not trl, datasets, liger-kernel or bitsandbytes.
 #
-#   make wheels WHEEL_PYTHON=3.12 ONLY="trl datasets dill multiprocess transformers tokenizers peft"   # on a machine with network
-#   make wheels-gpu WHEEL_PYTHON=3.12
+#   make wheels WHEEL_PYTHON=3.12 ONLY="trl datasets dill multiprocess transformers peft fsspec"   # on a machine with network
+#   make wheels-gpu WHEEL_PYTHON=3.12                                     # (both: make lease-wheels)
 #   bash benchmarks/run_on_gpu.sh install env tests bench eval                                       # on the GPU machine
 #   bash benchmarks/run_on_gpu.sh lease      # issue 22: all of it in one 8-minute device call, results to $OUT (LEASE.md)
 #

@@ -1,7 +1,8 @@
 """benchmarks/lease.sh and benchmarks/lease.py (issue 22): the pieces of the GPU lease that a CPU can check. The whole
 script is rehearsed on CPU by hand (benchmarks/LEASE.md); these tests keep its arithmetic, its parsing, its plan and
-the device-call command in LEASE.md honest."""
+the device-call command in LEASE.md honest. lease.py is the helper under test; everything else comes from fcsft."""
 
+import ast
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import sys
 import pytest
 
 from conftest import PYTHON, REPO
+from fcsft import bench, memory_estimate, metrics
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import lease  # noqa: E402
@@ -66,51 +68,64 @@ def test_the_bfcl_sample_keeps_every_nth_entry_with_its_answers(tmp_path):
     assert not (tmp_path / "sample" / "possible_answer" / "BFCL_v4_irrelevance.json").exists()
 
 
-def test_train_metrics_on_a_gpu_summary_use_the_recipe_settings_and_estimate_memory():
-    """The train stage's numbers from a run_summary.json as train_sft.py writes it on a GPU (values made up)."""
-    import bench_fsdp
-    import estimate_memory
-
-    config = estimate_memory.ARCHITECTURES["qwen2.5-3b"]
+def test_train_metrics_on_a_gpu_summary_use_the_recipe_settings_and_the_package_metrics():
+    """The train stage's numbers from a run_summary.json as train_sft.py writes it on a GPU (values made up): GiB, and
+    MFU, throughput and peak memory as fcsft.metrics defines them."""
+    config = memory_estimate.ARCHITECTURES["qwen2.5-3b"]
     settings = {"per_device_train_batch_size": 16, "max_length": 4096, "packing": False, "padding_free": False,
                 "train_sampling_strategy": "group_by_length", "activation_checkpointing": True,
                 "gradient_accumulation_steps": 4, "dtype": "bfloat16", "bf16": True, "attn_implementation": "sdpa",
                 "max_steps": 8}
     summary = {"settings": settings, "model_config": config, "attention_span": 473.7, "num_processes": 1, "global_step": 8,
-               "peak_memory_per_rank": [{"peak_allocated_gb": 47.0, "peak_reserved_gb": 52.0}],
+               "peak_memory_per_rank": [{"peak_allocated_gib": 47.0, "peak_reserved_gib": 52.0}],
                "distributed_type": "DistributedType.FSDP", "fsdp_version": 2,
                "sharding": {"parameter_dtypes": ["torch.float32"], "compute_dtype": "torch.bfloat16"},
                "log_history": [{"step": s, "num_tokens": 28000 * s, "loss": 12.0 - 0.5 * s, "tokens_per_second_per_device": 20000.0}
                                for s in range(1, 9)]}
     lengths = [197 + (i * 37) % 673 for i in range(1000)]
-    metrics = lease.train_metrics(summary, {"lengths": lengths, "assistant_token_fraction": 0.11}, 989.0, 2)
-    assert metrics["steps_measured"] == 6 and metrics["real_tokens_per_second_per_device"] == pytest.approx(20000.0)
-    flops = estimate_memory.flops_per_token(config, 473.7)
-    assert metrics["mfu_percent"] == pytest.approx(100 * 20000 * flops / 989e12)
-    expected = estimate_memory.estimate(config, estimate_memory.Setup(
+    result = lease.train_metrics(summary, {"lengths": lengths, "assistant_token_fraction": 0.11}, 989.0, 2)
+    assert result["steps_measured"] == 6 and result["real_tokens_per_second_per_device"] == pytest.approx(20000.0)
+    flops = memory_estimate.flops_per_token(config, 473.7)
+    assert result["mfu_percent"] == pytest.approx(100 * 20000 * flops / 989e12)
+    expected = memory_estimate.estimate(config, memory_estimate.Setup(
         world_size=1, activation_checkpointing=True, batch_size=16, seq_len=max(lengths), loss_fraction=0.11,
         gradient_accumulation_steps=4))["peak"]  # length-grouped batches: the longest rows together
-    assert metrics["estimated_peak_gb"] == pytest.approx(expected / 1e9)
-    assert metrics["peak_memory_gb"] == pytest.approx(47.0 * 2**30 / 1e9) == bench_fsdp.peak_memory(summary)[0]
-    assert all(metrics["checks"].values()), metrics["checks"]
+    assert result["estimated_peak_gib"] == pytest.approx(expected / 2**30)
+    assert result["peak_memory_gib"] == 47.0 == metrics.peak_memory_gib(summary)[0] and result["peak_reserved_gib"] == 52.0
+    assert result["memory_measure"] == "max_memory_allocated"
+    assert result["estimate_error_percent"] == pytest.approx(100 * (expected / 2**30 - 47.0) / 47.0)
+    assert all(result["checks"].values()), result["checks"]
     summary["sharding"]["parameter_dtypes"] = ["torch.bfloat16"]
     assert not lease.train_metrics(summary, {"lengths": lengths, "assistant_token_fraction": 0.11}, 989.0, 2)["checks"]["fp32_masters"]
 
 
-def test_bench_rows_are_sized_for_the_device_by_estimate_memory():
-    import estimate_memory
+def test_bench_rows_are_sized_for_the_device_by_the_memory_estimate():
+    """The sized rows are fcsft.bench.GPU1_SETTINGS' own: the largest that fits, smaller ones on smaller GPUs."""
+    lengths = [197 + (i * 37) % 480 for i in range(990)] + [869] * 10  # mean 440, max 869: like the lease's rows
+    data = {"lengths": lengths, "assistant_token_fraction": 0.11}
+    config = memory_estimate.load_config("qwen2.5-3b")
+    plans = {gpu: lease.bench_settings(metrics.GPUS[gpu]["usable_gib"], data, config) for gpu in ("h200", "h100", "a100-40")}
+    assert plans["h200"][0] == ["trl_defaults", "padding_free_flex_batch_32", "liger", "checkpointing_batch_64", "xlam_recipe"]
+    assert plans["h100"][0][1] == "padding_free_flex" and plans["h100"][0][3] == "checkpointing_batch_64"
+    assert plans["a100-40"][0][1] == "padding_free_flex_batch_4" and plans["a100-40"][0][3] == "checkpointing_batch_16"
+    for names, sized in plans.values():
+        assert set(names) <= {s.name for s in bench.GPU1_SETTINGS}  # bench_fsdp.py --settings knows every one
+    for gpu in ("h200", "h100"):
+        for row in plans[gpu][1].values():
+            assert row["estimated_peak_gib"] * lease.SAFETY <= metrics.GPUS[gpu]["usable_gib"]
+    ladder = {s.name: s.recipe for s in bench.GPU1_SETTINGS if s.name in lease.BATCHES_NO_CHECKPOINTING + lease.BATCHES_CHECKPOINTING}
+    for name, recipe in ladder.items():
+        assert recipe["padding_free"] and recipe["max_length"] is None and recipe["attn_implementation"] == "flex_attention"
+        assert bool(recipe.get("activation_checkpointing")) == (name in lease.BATCHES_CHECKPOINTING)
 
-    lengths = [197 + (i * 37) % 673 for i in range(1000)]  # 197-869 tokens, like the lease's 1,000 rows
-    config = estimate_memory.load_config("qwen2.5-3b")
-    h200, h100 = (lease.bench_settings(estimate_memory.GPUS_GB[g], {"lengths": lengths, "assistant_token_fraction": 0.11},
-                                       config) for g in ("h200", "h100"))
-    assert h200[0][0] == "trl_defaults" and h200[0][2] == "liger" and h200[0][-1] == "xlam_recipe"
-    rows = {name: int(re.search(r"_(\d+)$", name)[1]) if re.search(r"_(\d+)$", name) else 8 for name in h200[0][1:4:2]}
-    h100_rows = {name: int(re.search(r"_(\d+)$", name)[1]) if re.search(r"_(\d+)$", name) else 8 for name in h100[0][1:4:2]}
-    assert sorted(rows.values()) > sorted(h100_rows.values())  # more memory, larger batches
-    for setting in h200[1]:
-        assert setting.needs == "flex" and setting.recipe["padding_free"] and setting.recipe["max_length"] is None
-    assert [s.recipe.get("activation_checkpointing", False) for s in h200[1]] == [False, True]
+
+def test_lease_py_imports_no_script():
+    """lease.py runs the scripts as commands and imports only fcsft and libraries (the project's rule for scripts)."""
+    scripts = {p.stem for p in REPO.glob("*.py")}
+    tree = ast.parse((REPO / "benchmarks" / "lease.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert "fcsft" in imported and not imported & scripts, imported & scripts
 
 
 def test_targets_need_measurements_and_compare_with_trl_defaults():
