@@ -145,6 +145,17 @@ def _environment_class(class_name):
     return getattr(module, class_name)
 
 
+@functools.lru_cache(maxsize=None)
+def _public_method_names(cls):
+    return tuple(name for name, _ in inspect.getmembers(cls(), predicate=inspect.ismethod) if not name.startswith("_"))
+
+
+def _public_methods(instance):
+    """The public methods the official maps to an instance (inspect.getmembers with ismethod, sorted by name); the
+    same for every instance of a class, so listed once per class."""
+    return _public_method_names(type(instance))
+
+
 def official_instance_name(model_tag, entry_id, class_name):
     """The global variable name the official harness gives an environment instance."""
     return re.sub(r"[-./:]", "_", f"{model_tag}_{entry_id}_{class_name}_instance")
@@ -193,9 +204,8 @@ class EntryEnvironment:
                                  "Python name: the official harness could not execute any call with it")
             self.instances[class_name] = instance
             self._by_global_name[global_name] = instance
-            for method_name, _ in inspect.getmembers(instance, predicate=inspect.ismethod):
-                if not method_name.startswith("_"):
-                    self._owner_of_method[method_name] = global_name
+            for method_name in _public_methods(instance):
+                self._owner_of_method[method_name] = global_name
 
     def execute(self, call_texts):
         """Execute call texts in order (decode_execute's output, or ground-truth strings); returns one result text
@@ -221,10 +231,11 @@ class EntryEnvironment:
 
     def _call(self, text):
         source = text.lstrip(" \t")  # eval() ignores leading spaces and tabs
+        tree = ast.parse(source, filename="<string>", mode="eval")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "'int' object is not callable; perhaps you missed a comma?"
-            compile(source, "<string>", "eval")  # raises the SyntaxError eval() would raise; nothing is run
-        call = ast.parse(source, mode="eval").body
+            compile(tree, "<string>", "eval")  # the compiler's own errors (a repeated keyword); nothing is run
+        call = tree.body
         if not isinstance(call, ast.Call):
             raise UnsupportedCall(f"not a call: {text[:200]}")
         target = self._callee(call.func)  # Python evaluates the callee, then the arguments, then calls
