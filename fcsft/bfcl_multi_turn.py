@@ -19,8 +19,10 @@ Execution never evaluates model output. The official harness turns a decoded cal
 expression applied to the whole text (string arguments included), and eval()s it. We build the same text (so that the
 prefixing inside string arguments, Python's syntax errors for odd keys and `nan`/`inf` arguments give the official
 results), then only parse it (compile/ast, nothing runs) and dispatch the call to a public method of the entry's
-instances with literal arguments. The one divergence: a name that is not a method of the entry's classes is
-reported as undefined, where the official eval() would find Python builtins (print, open, ...) and run them.
+instances with literal arguments. Where the official eval() would run Python that is not such a call, we do not:
+a name that is not a method of the entry's classes is undefined here, where eval() would find Python builtins
+(print, open, ...) and the imports of its module; a callee or argument that is more than a method and literal
+values (only strange function names produce one) gets an error result.
 
 Environments are the classes of the installed bfcl_eval (pure Python, seeded), imported when first needed, so that
 importing this module does not require bfcl_eval.
@@ -46,7 +48,7 @@ MULTI_TURN_CATEGORIES = ("multi_turn_base", "multi_turn_miss_func", "multi_turn_
 # --- Official constants (tests/test_bfcl_multi_turn.py checks each against the installed bfcl_eval) ---------------
 # constants/default_prompts.py
 MAXIMUM_STEP_LIMIT = 20
-HELD_OUT_FUNCTIONS_MESSAGE = ("{functions}\nI have updated some more functions you can choose from. What about now?")
+HELD_OUT_FUNCTIONS_MESSAGE = "{functions}\nI have updated some more functions you can choose from. What about now?"
 # constants/executable_backend_config.py
 ENVIRONMENT_MODULES = {
     "GorillaFileSystem": "gorilla_file_system", "MathAPI": "math_api", "MessageAPI": "message_api",
@@ -168,9 +170,9 @@ def inference_model_tag(model_name):
 
 def _as_result_text(value):
     """Results as the official keeps them: a str as is, a dict as JSON (str() if not serialisable), else str()."""
-    if type(value) is str:  # noqa: E721 - exact type, as the official checks it
+    if type(value) is str:  # the exact type, as the official checks it
         return value
-    if type(value) is dict:  # noqa: E721
+    if type(value) is dict:
         try:
             return json.dumps(value)
         except Exception:  # noqa: BLE001 - the official falls back to str() on any failure
@@ -238,7 +240,7 @@ class EntryEnvironment:
         call = tree.body
         if not isinstance(call, ast.Call):
             raise UnsupportedCall(f"not a call: {text[:200]}")
-        target = self._callee(call.func)  # Python evaluates the callee, then the arguments, then calls
+        target = self._callee(call.func)  # Python evaluates the callee, then the arguments, then calls it
         args = [_literal(node) for node in call.args]
         if any(keyword.arg is None for keyword in call.keywords):
             raise UnsupportedCall(f"** arguments: {text[:200]}")
@@ -248,13 +250,18 @@ class EntryEnvironment:
         return target(**_keyword_arguments(target, args, kwargs))
 
     def _callee(self, node):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-            instance = self._by_global_name.get(node.value.id)
-            if instance is not None and self._owner_of_method.get(node.attr) == node.value.id:
-                return getattr(instance, node.attr)
-        elif isinstance(node, ast.Name):
-            raise NameError(f"name '{node.id}' is not defined")
-        elif isinstance(node, ast.Constant):  # a number, true or null as the function name
+        """The function a call text names, resolved as eval() would, among the entry's instances only: a name that
+        is not an instance is undefined (the official namespace also holds Python builtins and its module's imports,
+        which we never run); a dotted name resolves from the left, so `functions.ls` is undefined as officially."""
+        if isinstance(node, ast.Name):
+            if node.id not in self._by_global_name:
+                raise NameError(f"name '{node.id}' is not defined")
+            return self._by_global_name[node.id]
+        if isinstance(node, ast.Attribute):
+            owner = self._callee(node.value)
+            if not node.attr.startswith("_"):
+                return getattr(owner, node.attr)  # an AttributeError as Python writes it
+        if isinstance(node, ast.Constant):  # a number, true or null as the function name
             return node.value
         raise UnsupportedCall(f"callee {ast.unparse(node)[:200]}")
 
@@ -265,7 +272,7 @@ def _refuse_blocked_name(text):
     if "." in name:
         name = name.split(".")[1]
     if name in BLOCKED_FUNCTION_NAMES:
-        raise Exception(f"Function call {name} is not allowed.")  # noqa: TRY002 - the official raises a bare Exception
+        raise Exception(f"Function call {name} is not allowed.")  # a bare Exception, as officially
 
 
 def _literal(node):
@@ -313,7 +320,7 @@ def extract_tool_calls(text):
 
 def call_text(name, arguments):
     """The official text of a decoded call: `name(key=repr(value),...)`; string arguments are parsed as JSON."""
-    if type(arguments) is str:  # noqa: E721
+    if type(arguments) is str:
         arguments = json.loads(arguments)
     return f"{name}({','.join(f'{key}={value!r}' for key, value in arguments.items())})"
 
@@ -323,7 +330,7 @@ def decode_execute(text):
     decoder does, when a block is not a JSON object, lacks `name` or `arguments`, or its arguments are not an
     object (or a JSON string of one)."""
     calls = extract_tool_calls(text)
-    if any(type(call) is not dict for call in calls):  # noqa: E721
+    if any(type(call) is not dict for call in calls):
         raise ValueError(f"Model did not return a list of function calls: {text}")
     named = [{call["name"]: call["arguments"]} for call in calls]  # KeyError / TypeError as officially
     return [call_text(name, arguments) for item in named for name, arguments in item.items()]
@@ -356,10 +363,9 @@ def assistant_message(output):
     the blocks replace the text; else the text without its reasoning."""
     answer, reasoning = split_reasoning(output)
     calls = extract_tool_calls(output)
-    message = {"role": "assistant", "content": "", "tool_calls": calls} if calls else {"role": "assistant",
-                                                                                      "content": answer}
-    message["reasoning_content"] = reasoning
-    return message
+    if calls:
+        return {"role": "assistant", "content": "", "tool_calls": calls, "reasoning_content": reasoning}
+    return {"role": "assistant", "content": answer, "reasoning_content": reasoning}
 
 
 def _check_renderable(messages):
@@ -549,7 +555,8 @@ def check_multi_turn_entry(entry, ground_truth, result, model_name=DEFAULT_MODEL
     """The official verdict for one entry: {"valid": True} or {"valid": False, "error_type", "error" (the official
     message), "turn" (where the check failed, for state/response/empty-turn errors), details}."""
     if not isinstance(result, list):
-        return _failure(INFERENCE_ERROR, "Error during inference phase. Model did not output a list of model responses.")
+        return _failure(INFERENCE_ERROR,
+                        "Error during inference phase. Model did not output a list of model responses.")
     if len(result) != len(ground_truth):
         return _failure(FORCE_TERMINATED, "Model was force-terminated during inference phase. The length of the model "
                         f"result turns ({len(result)}) does not match the length of the ground truth turns "
@@ -633,7 +640,8 @@ def multi_turn_accuracy(scores):
     missing = [c for c in MULTI_TURN_CATEGORIES if (scores.get(c) or {}).get("accuracy") is None]
     formula = "unweighted mean of " + ", ".join(MULTI_TURN_CATEGORIES)
     if missing:
-        status = "not run" if len(missing) == len(MULTI_TURN_CATEGORIES) else f"incomplete (missing {', '.join(missing)})"
+        status = ("not run" if len(missing) == len(MULTI_TURN_CATEGORIES)
+                  else f"incomplete (missing {', '.join(missing)})")
         return {"accuracy": None, "status": status, "formula": formula}
     return {"accuracy": sum(scores[c]["accuracy"] for c in MULTI_TURN_CATEGORIES) / len(MULTI_TURN_CATEGORIES),
             "status": "ok", "formula": formula}
@@ -716,9 +724,15 @@ def multi_turn_error_analysis(rows_by_category):
         with_call = sum(row["turns_with_call"] for row in rows)
         analysis[category] = {
             "entries": len(rows),
-            "failed_turns": {kind: dict(sorted(counts.items(), key=lambda kv: str(kv[0])))
+            "failed_turns": {kind: dict(sorted(counts.items(), key=_turns_first))
                              for kind, counts in sorted(failed.items())},
             "turns": turns, "turns_with_call": with_call,
             "turns_with_call_share": with_call / turns if turns else None,
         }
     return analysis
+
+
+def _turns_first(item):
+    """Sort key: turn indexes in order, then "-" (errors without a turn)."""
+    turn = item[0]
+    return (0, turn) if isinstance(turn, int) else (1, 0)

@@ -167,9 +167,11 @@ ODD_CALLS = [
     "None()", "True()", " ls(a=True)", "ls(a=True,extra=1)", "cd()", "cd(folder=nan)", "cd(folder=[1, -inf])",
     "cd(folder name='x')", "cd(class='x')", "cd(True=1)", "cd(folder='a',folder='b')", "cd(folder=",
     "echo(content='then ls(a) and cd (b)')", "echo(content='\\nls(x)')", "mkdir(dir_name='ls(x)')",
-    "touch(file_name='notes.txt')", "echo(content='mean(1) sort (2)',file_name='notes.txt')", "cat(file_name='notes.txt')",
+    "touch(file_name='notes.txt')", "echo(content='mean(1) sort (2)',file_name='notes.txt')",
+    "cat(file_name='notes.txt')",
     "ls(a=True)", "mean(numbers=[1, 2, 3.5])", "mean(numbers=[])", "logarithm(value=8,base=2,precision=5)",
-    "cd(folder='x')\x00", "ls()(a=1)", "cd(folder=1+2)",
+    "cd(folder='x')\x00", "ls()(a=1)", "cd(folder=1+2)", "functions.ls(a=True)", "GorillaFileSystem.ls()",
+    "'abc'.upper()", "ls.x()", "cd.__class__()",
 ]
 
 
@@ -180,6 +182,7 @@ def test_model_style_calls_execute_as_officially(official, data):
     entries = {}
     for entry, _ in all_entries(data):
         entries.setdefault(tuple(entry["involved_classes"]), entry)
+    assert {name for classes in entries for name in classes} == set(mt.ENVIRONMENT_MODULES)
     official_tag = "Qwen_Qwen3_8B"  # what the official inference uses for model Qwen/Qwen3-8B
     assert mt.inference_model_tag("Qwen/Qwen3-8B") == official_tag
     refused = {"ls()(a=1)", "cd(folder=1+2)"}
@@ -690,7 +693,8 @@ def test_overall_on_hand_computed_numbers():
 
     # Single-turn and multi-turn only (no agentic run): agentic counts 0; live_parallel not run counts 0 with its
     # 16 entries in Live's weighting.
-    scores = {c: s for c, s in FULL_SCORES.items() if c != "live_parallel" and not c.startswith(("web_search", "memory"))}
+    scores = {c: s for c, s in FULL_SCORES.items()
+              if c != "live_parallel" and not c.startswith(("web_search", "memory"))}
     live_partial = (0.75 * 258 + 0.7 * 1053 + 0.5 * 24) / 1351
     result = mt.leaderboard_overall(scores, sizes={"live_parallel": 16})
     assert result["accuracy"] == pytest.approx(0.1 * 0.775 + 0.1 * live_partial + 0.1 * 0.7 + 0.3 * 0.2)
