@@ -460,6 +460,16 @@ class _EntryRun:
             self._start_next_turn()
 
 
+def official_context_length(config, tokenizer):
+    """The context length the official handler works with (OSSHandler.spin_up_local_server): the model config's
+    max_position_embeddings, else the tokenizer's model_max_length."""
+    if hasattr(config, "max_position_embeddings"):
+        return config.max_position_embeddings
+    if getattr(tokenizer, "model_max_length", None) is not None:
+        return tokenizer.model_max_length
+    raise ValueError("the model config has no max_position_embeddings and the tokenizer no model_max_length")
+
+
 def step_token_budget(prompt_tokens, context_length, cap=STEP_TOKEN_CAP):
     """Tokens the official handler requests for a step: min(cap, context - prompt - 2). Below 1 the request fails
     (the server rejects a prompt at or over the context length, and max_tokens < 1)."""

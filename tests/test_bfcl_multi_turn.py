@@ -650,6 +650,15 @@ def test_step_token_budget_is_the_official_one():
     assert mt.step_token_budget(40000, 32768) < 0
 
 
+def test_context_length_is_the_official_one():
+    config = types.SimpleNamespace(max_position_embeddings=32768)
+    tokenizer = types.SimpleNamespace(model_max_length=131072)
+    assert mt.official_context_length(config, tokenizer) == 32768
+    assert mt.official_context_length(types.SimpleNamespace(), tokenizer) == 131072
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        mt.official_context_length(types.SimpleNamespace(), types.SimpleNamespace(model_max_length=None))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Aggregates
 # ---------------------------------------------------------------------------------------------------------------
