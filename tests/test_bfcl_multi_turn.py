@@ -20,6 +20,7 @@ import io
 import itertools
 import json
 import math
+import re
 import types
 from collections import Counter
 
@@ -64,8 +65,8 @@ def data():
 def forget_official_instances(official, model_tag):
     """The official execution keeps environment instances in its module globals, keyed by model and entry, and
     reuses them on the next call: drop them so that every official run starts fresh (and memory stays bounded)."""
-    names = vars(official.execution)
-    for name in [n for n in names if n.startswith(model_tag)]:
+    names, prefix = vars(official.execution), re.sub(r"[-./:]", "_", model_tag)  # as the official names them
+    for name in [n for n in names if n.startswith(prefix)]:
         del names[name]
 
 
@@ -117,32 +118,21 @@ def test_unknown_category_and_bad_model_name_raise(data):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def official_execution(official, entry, turns, model_tag, long_context=None):
-    """Per turn, the official results of executing `turns` (lists of call strings) on one entry's instances, and
-    the instances' public state after each turn."""
-    if long_context is None:
-        long_context = "long_context" in entry["id"]
-    results, states = [], []
+def assert_same_execution(official, entry, turns, model_tag):
+    """Execute `turns` (lists of call texts) on fresh instances of one entry, ours and the official's, and require
+    the same result texts and the same public state after every turn (compared at once: later calls mutate it)."""
+    ours = mt.EntryEnvironment(entry, model_tag)
     try:
-        for calls in turns:
-            outputs, instances = official.execution.execute_multi_turn_func_call(
+        for number, calls in enumerate(turns):
+            results, instances = official.execution.execute_multi_turn_func_call(
                 calls, entry["initial_config"], entry["involved_classes"], model_tag, entry["id"],
-                long_context=long_context)
-            results.append(outputs)
-            states.append({name: {k: v for k, v in vars(instance).items() if not k.startswith("_")}
-                           for name, instance in instances.items()})
+                long_context="long_context" in entry["id"])
+            assert ours.execute(calls) == results, f"{entry['id']} turn {number}"
+            state = {name: {k: v for k, v in vars(instance).items() if not k.startswith("_")}
+                     for name, instance in instances.items()}
+            assert ours.public_state() == state, f"{entry['id']} turn {number}"
     finally:
         forget_official_instances(official, model_tag)
-    return results, states
-
-
-def our_execution(entry, turns, model_tag):
-    environment = mt.EntryEnvironment(entry, model_tag)
-    results, states = [], []
-    for calls in turns:
-        results.append(environment.execute(calls))
-        states.append(environment.public_state())
-    return results, states
 
 
 def test_ground_truth_execution_is_the_official_one(official, data):
@@ -151,9 +141,7 @@ def test_ground_truth_execution_is_the_official_one(official, data):
     calls = positional = 0
     for entry, answer in all_entries(data):
         turns = answer["ground_truth"]
-        ours = our_execution(entry, turns, "ours_gt")
-        theirs = official_execution(official, entry, turns, "official_gt")
-        assert ours == theirs, entry["id"]
+        assert_same_execution(official, entry, turns, "gt")
         calls += sum(map(len, turns))
         positional += sum(bool(ast.parse(c, mode="eval").body.args) for turn in turns for c in turn)
     assert (calls, positional) == (4625, 160)
@@ -190,9 +178,7 @@ def test_model_style_calls_execute_as_officially(official, data):
         method = next(name for name, _ in inspect.getmembers(
             mt._environment_class(entry["involved_classes"][0])(), inspect.ismethod) if not name.startswith("_"))
         calls = [c for c in ODD_CALLS if c not in refused] + [f"{method}(x=1)", f"{method}()"]
-        ours = our_execution(entry, [calls[:12], calls[12:]], official_tag)
-        theirs = official_execution(official, entry, [calls[:12], calls[12:]], official_tag)
-        assert ours == theirs, entry["id"]
+        assert_same_execution(official, entry, [calls[:12], calls[12:]], official_tag)
         results = mt.EntryEnvironment(entry, official_tag).execute(sorted(refused))
         assert all(r.startswith("Error during execution: ") for r in results)
     mangled = mt.EntryEnvironment(entries[("GorillaFileSystem",)], official_tag).execute(["echo(content='then ls(a)')"])
