@@ -39,11 +39,11 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-# Project modules (renamed at the package merge: eval_bfcl -> fcsft.bfcl_data, function_calling -> fcsft.bfcl_prompts).
-from eval_bfcl import package_data_dir, read_jsonl
-from function_calling import add_language_hints, qwen_fc_prompt
+from fcsft.bfcl_data import MULTI_TURN, package_data_dir, read_jsonl
+from fcsft.bfcl_prompts import add_language_hints, qwen_fc_prompt
+from fcsft.errors import UserError
 
-MULTI_TURN_CATEGORIES = ("multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param", "multi_turn_long_context")
+MULTI_TURN_CATEGORIES = tuple(MULTI_TURN)
 
 # --- Official constants (tests/test_bfcl_multi_turn.py checks each against the installed bfcl_eval) ---------------
 # constants/default_prompts.py
@@ -112,12 +112,12 @@ def load_multi_turn_category(category, data_dir=None):
     """(entries, answers) of one multi-turn category, aligned by position. Entries are prepared (prepare_entry);
     answers are {"id", "ground_truth": per turn, a list of call strings}."""
     if category not in MULTI_TURN_CATEGORIES:
-        raise ValueError(f"{category!r} is not a multi-turn category ({', '.join(MULTI_TURN_CATEGORIES)})")
+        raise UserError(f"{category!r} is not a multi-turn category ({', '.join(MULTI_TURN_CATEGORIES)})")
     data_dir = Path(data_dir) if data_dir is not None else package_data_dir()
     raw = read_jsonl(data_dir / f"BFCL_v4_{category}.json")
     answers = read_jsonl(data_dir / "possible_answer" / f"BFCL_v4_{category}.json")
     if [e["id"] for e in raw] != [a["id"] for a in answers]:
-        raise ValueError(f"{category}: the entries and possible answers in {data_dir} do not list the same ids")
+        raise UserError(f"{category}: the entries and possible answers in {data_dir} do not list the same ids")
     docs = _function_docs(str(data_dir))
     return [prepare_entry(entry, docs) for entry in raw], answers
 
@@ -168,6 +168,14 @@ def inference_model_tag(model_name):
     return model_name.replace("/", "_").replace("-", "_").replace(".", "_")
 
 
+def harness_model_name(folder_name):
+    """The model name for a result folder (the official checker names a model by its result folder). It only names
+    the environments' global instances, so it matters only where a string argument holds text like `ls(`. The
+    harness needs a Python name once -./: are replaced; other characters become _ here."""
+    name = re.sub(r"[^\w\-./:]", "_", folder_name) or "model"
+    return name if re.sub(r"[-./:]", "_", name).isidentifier() else f"m_{name}"
+
+
 def _as_result_text(value):
     """Results as the official keeps them: a str as is, a dict as JSON (str() if not serialisable), else str()."""
     if type(value) is str:  # the exact type, as the official checks it
@@ -202,7 +210,7 @@ class EntryEnvironment:
                                         long_context=_is_long_context(entry["id"]))
             global_name = official_instance_name(model_tag, entry["id"], class_name)
             if not global_name.isidentifier():
-                raise ValueError(f"model name {model_tag!r} gives the instance name {global_name!r}, which is not a "
+                raise UserError(f"model name {model_tag!r} gives the instance name {global_name!r}, which is not a "
                                  "Python name: the official harness could not execute any call with it")
             self.instances[class_name] = instance
             self._by_global_name[global_name] = instance
@@ -556,7 +564,7 @@ def _decoded_turns(result):
     turns = []
     for turn in result:
         if not isinstance(turn, list):
-            raise ValueError(f"a result turn is not a list of step outputs: {str(turn)[:200]}")
+            raise UserError(f"a result turn is not a list of step outputs: {str(turn)[:200]}")
         turns.append([calls for calls in map(_decodes_to_calls, turn) if calls])
     return turns
 
@@ -616,7 +624,7 @@ def score_multi_turn_category(category, results, entries, answers, model_name=DE
     """Rows (dataset order, entries with a result only) and {accuracy, correct, total, expected, error_types}.
     `results` maps id -> raw result (the official result files' "result", ours or the official harness's)."""
     if category not in MULTI_TURN_CATEGORIES:
-        raise ValueError(f"{category!r} is not a multi-turn category")
+        raise UserError(f"{category!r} is not a multi-turn category")
     rows = [score_multi_turn_entry(entry, answer["ground_truth"], results[entry["id"]], model_name)
             for entry, answer in zip(entries, answers) if entry["id"] in results]
     correct = sum(row["valid"] for row in rows)

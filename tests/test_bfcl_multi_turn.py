@@ -26,9 +26,10 @@ from collections import Counter
 
 import pytest
 
-import eval_bfcl
 from bfcl_reference import load_official_bfcl
 from fcsft import bfcl_multi_turn as mt
+from fcsft.bfcl_data import read_results
+from fcsft.errors import UserError
 
 bfcl_eval = pytest.importorskip("bfcl_eval", reason="bfcl-eval is installed by `make setup`")
 # The official execution eval()s odd call texts such as `5()`, on which Python warns; ours only parses them, quietly.
@@ -106,10 +107,10 @@ def test_constants_are_the_official_ones(official):
 
 
 def test_unknown_category_and_bad_model_name_raise(data):
-    with pytest.raises(ValueError, match="not a multi-turn category"):
+    with pytest.raises(UserError, match="not a multi-turn category"):
         mt.load_multi_turn_category("simple_python")
     entry = data["multi_turn_base"][0][0]
-    with pytest.raises(ValueError, match="not a Python name"):
+    with pytest.raises(UserError, match="not a Python name"):
         mt.EntryEnvironment(entry, "my model")
 
 
@@ -599,7 +600,7 @@ def test_loop_sends_the_official_prompts_and_records_the_official_results(script
 
 def test_official_result_files_score_as_officially(official, scripted_runs, data, tmp_path):
     """Result files as the official harness writes them (BaseHandler.write, from the scripted runs above, whose
-    results our loop reproduces), read with eval_bfcl.read_results and scored per category: every entry gets the
+    results our loop reproduces), read with read_results and scored per category: every entry gets the
     official verdict."""
     handler = official.qwen_fc.QwenFCHandler(model_name="Qwen/Qwen3-8B", temperature=0.001,
                                              registry_name="Qwen/Qwen3-8B", is_fc_model=True)
@@ -608,11 +609,11 @@ def test_official_result_files_score_as_officially(official, scripted_runs, data
     checked = 0
     for category, (entries, answers) in data.items():
         (path,) = tmp_path.rglob(f"BFCL_v4_{category}_result.json")
-        rows, summary = mt.score_multi_turn_category(category, eval_bfcl.read_results(path), entries, answers,
+        rows, summary = mt.score_multi_turn_category(category, read_results(path), entries, answers,
                                                      model_name="Qwen_Qwen3-8B")
         truth = {a["id"]: a["ground_truth"] for a in answers}
         by_id = {e["id"]: e for e in entries}
-        results = eval_bfcl.read_results(path)
+        results = read_results(path)
         for row in rows:
             theirs = official_verdict(official, by_id[row["id"]], truth[row["id"]], results[row["id"]],
                                       "Qwen_Qwen3-8B")
