@@ -31,7 +31,7 @@ GROUPS = {"non_live": NON_LIVE, "live": LIVE, "single_turn": NON_LIVE + LIVE, "m
 OUT_OF_SCOPE = ("web_search", "memory", "format_sensitivity")
 
 
-SCOPE_NOTE = ("Agentic categories are not run: web search needs a paid search API (SerpAPI) and live web pages, and "
+SCOPE_NOTE = ("Agentic categories (web search, memory) are out of scope, not run: web search needs a paid search API (SerpAPI) and live web pages, and "
               "memory_vector downloads a sentence-embedding model; the leaderboard's Overall counts them as 0 "
               "(format_sensitivity is not part of the Overall).")
 

@@ -132,7 +132,7 @@ def test_scores_summary_and_overall(runs):
     assert "run: Multi-Turn; not run, counted 0: Non-Live, Live, Irrelevance, Agentic" in overall["formula"]
     markdown = (out / "summary.md").read_text()
     assert "| multi_turn_base | 3 |" in markdown and "Multi-turn error analysis" in markdown
-    assert "| Overall (single-turn) | not run |" in markdown and "Agentic categories are not run" in markdown
+    assert "| Overall (single-turn) | not run |" in markdown and "Agentic categories (web search, memory) are out of scope" in markdown
 
 
 def test_official_layout_scores_the_same_and_compares(runs, data_dir, tmp_path):
