@@ -239,6 +239,23 @@ def test_cost_arithmetic_by_hand(tmp_path):
     assert (sft["train_loss"], sft["eval_loss"]) == (1.5, 1.7)
 
 
+def test_report_multi_turn_and_leaderboard_overall_columns(tmp_path):
+    """A run scored on every single-turn and multi-turn category at 50%: Multi-Turn 50, and the leaderboard's
+    Overall 0.5 x (10 + 10 + 10 + 30) / 100 = 30, agentic (not run) counting 0; the parts run are listed."""
+    from fcsft import bfcl_data, bfcl_report
+
+    scores = {c: {"accuracy": 0.5, "total": 10} for c in bfcl_data.NON_LIVE + bfcl_data.LIVE + bfcl_data.MULTI_TURN}
+    (tmp_path / "full" / "bfcl").mkdir(parents=True)
+    (tmp_path / "full" / "bfcl" / "summary.json").write_text(json.dumps(
+        {"categories": scores, "aggregates": bfcl_report.aggregate_scores(scores), "generation": {"model": "m"}}))
+    (row,) = study_report.report_rows([tmp_path / "full"], price_per_gpu_hour=2.875)
+    assert row["bfcl_overall"] == pytest.approx(50) and row["bfcl_multi_turn"] == pytest.approx(50)
+    assert row["bfcl_overall_leaderboard"] == pytest.approx(30)
+    assert row["bfcl_overall_leaderboard_parts"] == "Non-Live+Live+Irrelevance+Multi-Turn"
+    study_report.write_report([tmp_path / "full"], tmp_path / "report", 2.875)
+    assert "| multi-turn | leaderboard overall |" in (tmp_path / "report" / "results.md").read_text()
+
+
 def test_grid_one_at_a_time_and_points(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"model_name_or_path": "m", "dataset_name": "d.jsonl", "learning_rate": 2e-5, "bf16": True}))
