@@ -447,8 +447,8 @@ def run_generation(args):
     multi_work = [(c, e) for c, entries in multi_turn.items() for e in entries if e["id"] not in done[c]]
     multi_skipped = sum(len(entries) for entries in multi_turn.values()) - len(multi_work)
     if state.is_main_process:
-        print(f"{len(work)} prompts to generate over {', '.join(c for c in categories if not is_multi_turn(c)) or '-'} "
-              f"({skipped} already in {output_dir})")
+        if datasets:
+            print(f"{len(work)} prompts to generate over {', '.join(datasets)} ({skipped} already in {output_dir})")
         if multi_turn:
             print(f"{len(multi_work)} multi-turn entries to run over {', '.join(multi_turn)} ({multi_skipped} already "
                   f"in {output_dir})")
