@@ -189,25 +189,29 @@ def summary_markdown(summary):
             value = format_percent(agg["accuracy"]) if agg["accuracy"] is not None or agg["status"] == "not run" \
                 else agg["status"]
             lines.append(f"| {name} | {value} | {agg['formula']} |")
-    lines += ["", "## Error analysis", "", ERROR_ANALYSIS_NOTE, "",
-              "| category | " + " | ".join(f"{step} (%)" for step in OUTCOME_STEPS.values()) + " | errors by official type |",
-              "|---" + "|---:" * len(OUTCOME_STEPS) + "|---|"]
-    for c in (c for c in rows if c in scores and not is_multi_turn(c)):
+    lines += ["", "## Error analysis"]
+    single_turn = [c for c in rows if c in scores and not is_multi_turn(c)]
+    if single_turn:
+        lines += ["", ERROR_ANALYSIS_NOTE, "",
+                  "| category | " + " | ".join(f"{step} (%)" for step in OUTCOME_STEPS.values()) + " | errors by official type |",
+                  "|---" + "|---:" * len(OUTCOME_STEPS) + "|---|"]
+    for c in single_turn:
         rates = scores[c]["rates"]
         errors = ", ".join(f"{name} {count}" for name, count in scores[c]["error_types"].items()) or "none"
         values = ["" if rates[k] is None else format_percent(rates[k]) for k in OUTCOME_STEPS]
         lines.append(f"| {c} | " + " | ".join(values) + f" | {errors} |")
     lines += multi_turn_analysis_lines(scores, rows)
-    generation = summary.get("generation")
-    if generation and "prompts_generated" in generation:
+    generation = summary.get("generation") or {}
+    if generation.get("prompts_generated"):
         lines += ["", f"Generated with `{generation['model']}` ({generation['backend']}, {generation['mode']} mode) on "
                   f"{generation['device']}: {generation['prompts_generated']} prompts in {generation['wall_time_s']}s, "
                   f"{generation['prompts_per_s']} prompts/s, {generation['generated_tokens_per_s']} generated tokens/s."]
-        multi = generation.get("multi_turn")
-        if multi:
-            lines += ["", f"Multi-turn: {multi['entries_generated']} entries in {multi['wall_time_s']}s on "
-                      f"{multi['device']}, {multi['steps']} steps ({multi['prompts_per_s']} prompts/s), "
-                      f"{multi['generated_tokens']} tokens generated ({multi['generated_tokens_per_s']} tokens/s)."]
+    multi = generation.get("multi_turn")
+    if multi:
+        lines += ["", f"Multi-turn generated with `{generation['model']}` ({generation['backend']}): "
+                  f"{multi['entries_generated']} entries in {multi['wall_time_s']}s on {multi['device']}, "
+                  f"{multi['steps']} steps ({multi['prompts_per_s']} prompts/s), {multi['generated_tokens']} tokens "
+                  f"generated ({multi['generated_tokens_per_s']} tokens/s)."]
     return "\n".join(lines + ["", SCOPE_NOTE, ""])
 
 
