@@ -126,6 +126,8 @@ def test_results_table_and_plots_have_every_column(finished_sweep):
         # the sweep's BFCL data is single-turn: no Multi-Turn; the leaderboard's Overall counts it (and agentic) 0
         assert empty == ["bfcl_multi_turn"], f"{name}: empty columns {empty}"
         assert rows[name]["bfcl_overall_leaderboard_parts"] == "Non-Live+Live+Irrelevance"
+        # (10 non-live + 10 live + 10 irrelevance) / 100 = 0.3 x their mean, the single-turn overall
+        assert float(rows[name]["bfcl_overall_leaderboard"]) == pytest.approx(0.3 * float(rows[name]["bfcl_overall"]))
         r = rows[name]
         assert r["status"] == "done" and r["devices"] == "2" and r["device"].startswith("cpu")
         assert r["settings"] == f"learning_rate={'0.003' if name == 'lr_high' else '0.001'}"  # only what differs
