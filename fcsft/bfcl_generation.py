@@ -327,7 +327,8 @@ def generate_multi_turn_missing(args, state, work, output_dir):
         start_time = time.time()
         records = generate_multi_turn([entry for _, entry in mine], generate,
                                       lambda text: len(tokenizer.tokenize(text)), context_length_of(args, tokenizer),
-                                      model_name=harness_model_name(Path(output_dir).name),
+                                      # the name the checker will use: the result folder's (multi_turn_model_name)
+                                      model_name=harness_model_name(Path(output_dir).resolve().name),
                                       step_token_cap=args.multi_turn_step_tokens)
         for record in tqdm(records, total=len(mine), desc=f"multi-turn entries (rank {state.process_index})",
                            disable=not state.is_local_main_process):
