@@ -1,5 +1,6 @@
-"""Evaluate a model on the Berkeley Function-Calling Leaderboard (BFCL v4) single-turn categories, scored exactly as
-the official checker scores them (our implementation lives in fcsft/bfcl_checker.py and is tested against it).
+"""Evaluate a model on the Berkeley Function-Calling Leaderboard (BFCL v4) single-turn and multi-turn categories,
+scored exactly as the official checker scores them (our implementation lives in fcsft/bfcl_checker.py and
+fcsft/bfcl_multi_turn.py and is tested against the official code).
 
     python eval_bfcl.py --model Qwen/Qwen2.5-3B-Instruct --categories all --output-dir runs/bfcl/qwen2.5-3b
     accelerate launch --multi_gpu --num_processes 8 eval_bfcl.py --model ... --output-dir ...  # a slice per process
@@ -15,8 +16,10 @@ with the model's own chat template instead (what train_sft.py trains on and what
 --model may be an adapter folder (adapter_config.json): its base model is loaded with the adapter merged in.
 
 Generation appends BFCL result files (`BFCL_v4_<category>_result.json`, one {"id", "result"} per line) after every
-batch; the same command run again generates only the ids still missing. Multi-turn and agentic categories are out
-of scope (they need executable environments), so the leaderboard's Overall score is not reported.
+batch (multi-turn: after every finished entry); the same command run again generates only the ids still missing.
+Multi-turn entries run the official loop (per step, the model answers; its calls run on the entry's environments).
+Agentic categories (web search, memory) are not run, so the leaderboard's Overall is reported with them counted as 0,
+as the official table counts a category not run, and labelled so.
 """
 
 import argparse
@@ -32,7 +35,7 @@ from fcsft.model_card import write_bfcl_results
 def add_prompt_arguments(parser):
     """What decides the prompt text: shared by generation and the prompts subcommand."""
     parser.add_argument("--model", required=True, help="local path or Hugging Face hub id")
-    parser.add_argument("--categories", nargs="+", default=["all"], help="categories or groups: all, non_live, live")
+    parser.add_argument("--categories", nargs="+", default=["all"], help="categories or groups: all, single_turn, non_live, live, multi_turn")
     parser.add_argument("--data-dir", help="BFCL_v4_<category>.json + possible_answer/ (default: bfcl-eval's v4 data)")
     parser.add_argument("--mode", choices=["fc", "prompt"], default="fc",
                         help="fc: the model is told the functions as tools; prompt: BFCL's system prompt lists them "
@@ -85,6 +88,9 @@ def main(argv=None):
     parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=512, help="the longest BFCL answer is ~1,300 characters of tool calls")
+    parser.add_argument("--multi-turn-step-tokens", type=int, default=4096,
+                        help="multi-turn: tokens generated per step at most (official: 4096, and never past the "
+                             "model's context length)")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                         help="auto: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")

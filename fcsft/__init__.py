@@ -10,9 +10,10 @@ over these modules. Nothing here imports a script, and the modules import each o
     data_formats      OpenAI, ShareGPT, Hermes, Glaive, ToolACE, APIGen-MT (+ auto) -> TRL conversational rows; checks
     training_data     sources, mixtures and the data recipe's transforms; per-source report
     decontamination   BFCL v4 test questions, and matching training requests against them
-    bfcl_data         BFCL categories, data files and result files (resumable, atomic)
+    bfcl_data         BFCL categories (single- and multi-turn), data files and result files (resumable, atomic)
     bfcl_prompts      BFCL entries -> prompts: chat messages + tools, or the official harness's text
     bfcl_checker      decoders and the AST checker (the official rules)
+    bfcl_multi_turn   multi-turn: the official loop, execution on the environments, checker, the Overall
     bfcl_generation   models, tokenizers and batched generation for BFCL prompts
     bfcl_report       scores, the leaderboard's aggregates, summaries, comparisons, error analysis
     bfcl_train_eval   BFCL accuracy during training

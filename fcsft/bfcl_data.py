@@ -1,4 +1,4 @@
-"""BFCL v4 data and result files: the single-turn categories and their groups, the data files
+"""BFCL v4 data and result files: the single-turn and multi-turn categories and their groups, the data files
 (BFCL_v4_<category>.json + possible_answer/BFCL_v4_<category>.json, one JSON object per line), and the result files
 generation appends to (one {"id", "result"} per line), merged, deduplicated and repaired on restart.
 """
@@ -21,14 +21,19 @@ NON_LIVE = ["simple_python", "simple_java", "simple_javascript", "multiple", "pa
 LIVE = ["live_simple", "live_multiple", "live_parallel", "live_parallel_multiple", "live_irrelevance", "live_relevance"]
 
 
-GROUPS = {"non_live": NON_LIVE, "live": LIVE, "all": NON_LIVE + LIVE}
+MULTI_TURN = ["multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param", "multi_turn_long_context"]
 
 
-OUT_OF_SCOPE = ("multi_turn", "web_search", "memory", "format_sensitivity")
+GROUPS = {"non_live": NON_LIVE, "live": LIVE, "single_turn": NON_LIVE + LIVE, "multi_turn": MULTI_TURN,
+          "all": NON_LIVE + LIVE + MULTI_TURN}
 
 
-SCOPE_NOTE = ("Single-turn categories only: multi-turn and agentic (web search, memory) categories are out of scope, "
-              "so the leaderboard's Overall accuracy (which weights them in) is not reported.")
+OUT_OF_SCOPE = ("web_search", "memory", "format_sensitivity")
+
+
+SCOPE_NOTE = ("Agentic categories (web search, memory) are out of scope, not run: web search needs a paid search API (SerpAPI) and live web pages, and "
+              "memory_vector downloads a sentence-embedding model; the leaderboard's Overall counts them as 0 "
+              "(format_sensitivity is not part of the Overall).")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -44,22 +49,32 @@ def package_data_dir():
 
 
 def category_order(category):
-    known = NON_LIVE + LIVE
+    known = NON_LIVE + LIVE + MULTI_TURN
     return (known.index(category) if category in known else len(known), category)
 
 
+def is_multi_turn(category):
+    return category in MULTI_TURN
+
+
 def categories_in(data_dir):
+    """The categories of data_dir's BFCL_v4_<category>.json files that eval_bfcl.py runs: single-turn ones and the
+    four multi-turn ones (those need multi_turn_func_doc/ beside them)."""
     names = [p.name[len("BFCL_v4_"):-len(".json")] for p in Path(data_dir).glob("BFCL_v4_*.json")]
-    return sorted((n for n in names if not n.startswith(OUT_OF_SCOPE)), key=category_order)
+    return sorted((n for n in names if not n.startswith(OUT_OF_SCOPE + ("multi_turn",)) or is_multi_turn(n)),
+                  key=category_order)
 
 
-def resolve_categories(requested, data_dir):
-    """Category names and groups -> categories present in data_dir. "all" is every in-scope file there."""
-    available = categories_in(data_dir)
+def resolve_categories(requested, data_dir, multi_turn=True):
+    """Category names and groups -> categories present in data_dir. "all" is every file there that is run: for the
+    bfcl-eval data, single-turn and multi-turn. multi_turn=False: single-turn only (multi-turn names refused)."""
+    available = [c for c in categories_in(data_dir) if multi_turn or not is_multi_turn(c)]
     chosen = []
     for name in (n for item in requested for n in item.split(",") if n):
         if name.startswith(OUT_OF_SCOPE):
-            raise UserError(f"{name}: multi-turn and agentic categories are out of scope for eval_bfcl.py. {SCOPE_NOTE}")
+            raise UserError(f"{name}: agentic categories are out of scope for eval_bfcl.py. {SCOPE_NOTE}")
+        if not multi_turn and (name == "multi_turn" or is_multi_turn(name)):
+            raise UserError(f"{name}: multi-turn categories are run by eval_bfcl.py only, not here")
         if name == "all":
             members = available
         elif name in GROUPS:
@@ -108,11 +123,13 @@ def load_category(data_dir, category):
     return entries, answers
 
 
-def load_datasets(data_dir, requested_categories, limit=None):
-    """(data dir, categories, {category: (entries, answers)}), the first `limit` entries of each category."""
+def load_datasets(data_dir, requested_categories, limit=None, multi_turn=False):
+    """(data dir, categories, {category: (entries, answers)}), the first `limit` entries of each category.
+    multi_turn=True: `categories` includes the multi-turn ones requested, which `datasets` leaves out (they are loaded
+    by bfcl_multi_turn.load_multi_turn_category)."""
     data_dir = Path(data_dir) if data_dir else package_data_dir()
-    categories = resolve_categories(requested_categories, data_dir)
-    datasets = {c: load_category(data_dir, c) for c in categories}
+    categories = resolve_categories(requested_categories, data_dir, multi_turn)
+    datasets = {c: load_category(data_dir, c) for c in categories if not is_multi_turn(c)}
     if limit:
         datasets = {c: (e[:limit], a and a[:limit]) for c, (e, a) in datasets.items()}
     return data_dir, categories, datasets

@@ -13,14 +13,23 @@ from collections import defaultdict
 from pathlib import Path
 
 from fcsft.bfcl_data import (
+    SCOPE_NOTE,
     append_jsonl,
     consolidate_results,
+    is_multi_turn,
     load_datasets,
     rank_result_path,
     read_results,
     result_path,
     write_jsonl_atomic,
 )
+from fcsft.bfcl_multi_turn import (
+    generate_multi_turn,
+    harness_model_name,
+    load_multi_turn_category,
+    official_context_length,
+)
+from fcsft.bfcl_multi_turn import category_of as multi_turn_category_of
 from fcsft.bfcl_prompts import BFCL_PROMPT_BUILDERS, bfcl_chat, bfcl_family, bfcl_prompt
 from fcsft.errors import UserError
 from fcsft.metrics import device_name
@@ -135,12 +144,46 @@ def decode_generated(tokenizer, rows, eos_ids):
     return texts, generated_tokens
 
 
+# Loaded once per process, so that single-turn and multi-turn generation of one run share the weights (and vLLM's
+# engine, which holds most of the GPU memory and is not freed within a process).
+_LOADED = {}
+
+
+def transformers_model(args, state):
+    import torch
+
+    key = ("transformers", args.model, args.dtype, str(state.device))
+    if key not in _LOADED:
+        dtype = getattr(torch, model_dtype(args.dtype, state.device.type))
+        _LOADED[key] = load_model(args.model, dtype=dtype, device_map={"": str(state.device)},
+                                  trust_remote_code=args.trust_remote_code).eval()
+    return _LOADED[key]
+
+
+def vllm_engine(args, state):
+    """vLLM's engine, with prefix caching: a multi-turn step's prompt extends the previous step's."""
+    try:
+        from vllm import LLM
+    except ImportError:
+        raise UserError("--backend vllm needs vllm installed (pip install vllm)")
+    if state.num_processes > 1:
+        raise UserError("--backend vllm runs as one process; use --tensor-parallel-size instead of accelerate launch")
+    if is_adapter(args.model):
+        raise UserError(f"--backend vllm: {args.model} is an adapter; merge it first (python merge_adapters.py {args.model} "
+                 "--output MERGED) or use --backend transformers")
+    key = ("vllm", args.model, args.dtype, args.tensor_parallel_size)
+    if key not in _LOADED:
+        _LOADED[key] = LLM(model=args.model, dtype="auto" if args.dtype == "auto" else args.dtype, seed=0,
+                           tensor_parallel_size=args.tensor_parallel_size, trust_remote_code=args.trust_remote_code,
+                           enable_prefix_caching=True)
+    return _LOADED[key]
+
+
 def generate_with_transformers(args, state, tokenizer, token_ids, write_batch):
     import torch
     from tqdm.auto import tqdm
     device = state.device
-    dtype = getattr(torch, model_dtype(args.dtype, device.type))
-    model = load_model(args.model, dtype=dtype, device_map={"": str(device)}, trust_remote_code=args.trust_remote_code).eval()
+    model = transformers_model(args, state)
     config, eos_ids = greedy_generation_config(model, tokenizer, args.max_new_tokens)
     generated_tokens, start_time = 0, time.time()
     for start in tqdm(range(0, len(token_ids), args.batch_size), desc=f"generating (rank {state.process_index})",
@@ -156,19 +199,10 @@ def generate_with_transformers(args, state, tokenizer, token_ids, write_batch):
 
 
 def generate_with_vllm(args, state, tokenizer, token_ids, write_batch):
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError:
-        raise UserError("--backend vllm needs vllm installed (pip install vllm)")
-    if state.num_processes > 1:
-        raise UserError("--backend vllm runs as one process; use --tensor-parallel-size instead of accelerate launch")
-    if is_adapter(args.model):
-        raise UserError(f"--backend vllm: {args.model} is an adapter; merge it first (python merge_adapters.py {args.model} "
-                 "--output MERGED) or use --backend transformers")
+    llm = vllm_engine(args, state)
     from tqdm.auto import tqdm
+    from vllm import SamplingParams
 
-    llm = LLM(model=args.model, dtype="auto" if args.dtype == "auto" else args.dtype, seed=0,
-              tensor_parallel_size=args.tensor_parallel_size, trust_remote_code=args.trust_remote_code)
     sampling = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
     generated_tokens, chunk, start_time = 0, max(256, args.batch_size), time.time()  # chunks keep results flowing
     for start in tqdm(range(0, len(token_ids), chunk), desc="generating (vllm)"):
@@ -205,6 +239,117 @@ def generate_missing(args, state, work, output_dir, prompt_format):
     return sum(r[0] for r in per_rank), sum(r[1] for r in per_rank), max(r[2] for r in per_rank)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-turn: the official loop (bfcl_multi_turn.generate_multi_turn), every step one batched generation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def multi_turn_unsupported(prompt_format, mode):
+    """Why the official multi-turn loop cannot run for this model, or None. The loop builds the official Qwen FC
+    prompt (QwenFCHandler) at every step; other families' multi-turn prompts are not implemented."""
+    if prompt_format["prompt_format"] == "bfcl" and prompt_format["bfcl_family"] == "qwen" and mode == "fc":
+        return None
+    return ("multi-turn generation follows the official loop with the Qwen FC prompt: it needs --mode fc, "
+            f"--prompt-format bfcl and a Qwen-family model (this run: --mode {mode}, prompt format "
+            f"{prompt_format['prompt_format']}, family {prompt_format['bfcl_family'] or 'unknown'})")
+
+
+class StepGenerator:
+    """generate(prompts, budgets) -> texts for bfcl_multi_turn.generate_multi_turn: greedy, each prompt's output cut
+    at its own token budget, special tokens skipped; counts what it generated."""
+
+    def __init__(self, args, state, tokenizer):
+        self.args, self.state, self.tokenizer = args, state, tokenizer
+        self.generated_tokens = self.prompts = 0
+
+    def __call__(self, prompts, budgets):
+        token_ids = prompt_token_ids(self.tokenizer, prompts)
+        texts = self._vllm(token_ids, budgets) if self.args.backend == "vllm" else self._transformers(token_ids, budgets)
+        self.prompts += len(prompts)
+        return texts
+
+    def _transformers(self, token_ids, budgets):
+        import torch
+
+        model = transformers_model(self.args, self.state)
+        texts = [None] * len(token_ids)
+        order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))  # little padding per batch
+        for start in range(0, len(order), self.args.batch_size):
+            batch = order[start:start + self.args.batch_size]
+            # greedy: a longer budget's first k tokens are what budget k generates
+            config, eos_ids = greedy_generation_config(model, self.tokenizer, max(budgets[i] for i in batch))
+            inputs = self.tokenizer.pad({"input_ids": [token_ids[i] for i in batch]}, return_tensors="pt")
+            inputs = inputs.to(self.state.device)
+            with torch.inference_mode():
+                output = model.generate(**inputs, generation_config=config)
+            rows = output[:, inputs["input_ids"].shape[1]:].tolist()
+            for i, row in zip(batch, rows):
+                (texts[i],), tokens = decode_generated(self.tokenizer, [row[:budgets[i]]], eos_ids)
+                self.generated_tokens += tokens
+        return texts
+
+    def _vllm(self, token_ids, budgets):
+        from vllm import SamplingParams
+
+        llm = vllm_engine(self.args, self.state)
+        outputs = llm.generate([{"prompt_token_ids": ids} for ids in token_ids],
+                               [SamplingParams(temperature=0.0, max_tokens=b) for b in budgets], use_tqdm=False)
+        self.generated_tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+        return [o.outputs[0].text for o in outputs]
+
+
+def context_length_of(args, tokenizer):
+    """The model's context length as the official handler takes it (an adapter: its base model's config)."""
+    from transformers import AutoConfig
+
+    model = args.model
+    if is_adapter(model):
+        model = json.loads((Path(model) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return official_context_length(AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code), tokenizer)
+
+
+def generate_multi_turn_missing(args, state, work, output_dir):
+    """Run the official multi-turn loop on this rank's share of `work` [(category, prepared entry)], appending each
+    entry's record (id, result, token counts, steps) to the result file as soon as the entry finishes. Returns
+    (entries, steps, generated tokens) summed over ranks and the loop's wall time (slowest rank)."""
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    mine = work[state.process_index::state.num_processes]
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    generate = StepGenerator(args, state, tokenizer)
+    entries_done, start_time = 0, time.time()
+    if mine:
+        if args.backend == "transformers":
+            transformers_model(args, state)  # loaded before the clock starts, as for single-turn
+        else:
+            vllm_engine(args, state)
+        start_time = time.time()
+        records = generate_multi_turn([entry for _, entry in mine], generate,
+                                      lambda text: len(tokenizer.tokenize(text)), context_length_of(args, tokenizer),
+                                      # the name the checker will use: the result folder's (multi_turn_model_name)
+                                      model_name=harness_model_name(Path(output_dir).resolve().name),
+                                      step_token_cap=args.multi_turn_step_tokens)
+        for record in tqdm(records, total=len(mine), desc=f"multi-turn entries (rank {state.process_index})",
+                           disable=not state.is_local_main_process):
+            category = multi_turn_category_of(record["id"])
+            path = result_path(output_dir, category) if state.num_processes == 1 else \
+                rank_result_path(output_dir, category, state.process_index)
+            append_jsonl(path, [record])
+            entries_done += 1
+    seconds = time.time() - start_time if mine else 0.0
+    per_rank = gather_object([(entries_done, generate.prompts, generate.generated_tokens, seconds)])
+    return tuple(sum(r[k] for r in per_rank) for k in range(3)) + (max(r[3] for r in per_rank),)
+
+
+def multi_turn_stats(entries, steps, tokens, seconds, already_done, state):
+    return {"entries_generated": entries, "entries_already_done": already_done, "steps": steps,
+            "generated_tokens": tokens, "wall_time_s": round(seconds, 2),
+            "prompts_per_s": round(steps / seconds, 3) if steps and seconds else None,
+            "generated_tokens_per_s": round(tokens / seconds, 1) if steps and seconds else None,
+            "device": f"{state.num_processes} x {device_name()}"}
+
+
 def weights_fingerprint(model):
     """A cheap content hash of a local checkpoint (size, first and last MiB of each weight file), so that a retrained
     model at the same path never resumes the old one's results, while a byte-identical rebuild still does."""
@@ -224,7 +369,56 @@ def generation_settings(args, prompt_format):
     return {"model": args.model, "weights": weights_fingerprint(args.model), "mode": args.mode,
             "prompt_format": prompt_format["prompt_format"], "max_new_tokens": args.max_new_tokens,
             # the family changes the prompt only in the bfcl format
-            "bfcl_family": prompt_format["bfcl_family"] if prompt_format["prompt_format"] == "bfcl" else None}
+            "bfcl_family": prompt_format["bfcl_family"] if prompt_format["prompt_format"] == "bfcl" else None,
+            "multi_turn_step_tokens": args.multi_turn_step_tokens}
+
+
+def changed_settings(before, settings):
+    """The settings that differ from an earlier run's; a setting the earlier run did not record yet is not a change
+    (folders from before it existed still resume)."""
+    return {k: (before[k], v) for k, v in settings.items() if k in before and before[k] != v}
+
+
+def choose_multi_turn(args, categories, prompt_format, data_dir, is_main):
+    """The categories to run: multi-turn ones dropped (with a warning) when the model's prompt has no official
+    multi-turn loop here and they came with a group; refused when named. The log says which parts of the
+    leaderboard's Overall are not run."""
+    requested = [n for item in args.categories for n in item.split(",") if n]
+    multi = [c for c in categories if is_multi_turn(c)]
+    reason = multi_turn_unsupported(prompt_format, args.mode) if multi else None
+    if reason:
+        named = [n for n in requested if is_multi_turn(n) or n == "multi_turn"]
+        if named:
+            raise UserError(f"{', '.join(named)}: {reason}")
+        if is_main:
+            logger.warning(f"multi-turn categories not run: {reason}")
+        categories = [c for c in categories if not is_multi_turn(c)]
+    if is_main and "all" in requested and not args.data_dir:
+        print(SCOPE_NOTE)
+    return categories
+
+
+def record_settings(args, state, stats_path, stats, settings, output_dir, categories, entries_by_category):
+    """Refuse results of other settings; record the settings before generating (so a killed run is guarded too) and
+    merge what an interrupted run left behind."""
+    existing = [result_path(output_dir, c) for c in categories if result_path(output_dir, c).exists()]
+    changed = changed_settings(stats.get("settings", {}), settings)
+    if existing and changed and not args.overwrite:
+        listed = ", ".join(f"{k}: {before} -> {now}" for k, (before, now) in changed.items())
+        raise UserError(f"{output_dir} holds results generated with other settings ({listed}): pass --overwrite to "
+                        "regenerate them, or use another --output-dir")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if args.overwrite or "settings" not in stats or changed:
+            stats = {**({} if args.overwrite else stats), "settings": settings}
+            stats_path.write_text(json.dumps(stats, indent=2) + "\n")
+        for category, entries in entries_by_category.items():
+            if args.overwrite:
+                for stale in output_dir.glob(f"BFCL_v4_{category}_result*"):
+                    stale.unlink()
+            consolidate_results(output_dir, category, entries)
+    state.wait_for_everyone()
+    return stats
 
 
 def run_generation(args):
@@ -235,46 +429,48 @@ def run_generation(args):
 
     # A multi-process launch without GPUs needs cpu=True for accelerate to set up gloo (MULTI_CPU) process groups.
     state = PartialState(cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available())
-    data_dir, categories, datasets = load_datasets(args.data_dir, args.categories, args.limit)
+    data_dir, categories, datasets = load_datasets(args.data_dir, args.categories, args.limit, multi_turn=True)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     prompt_format = model_prompt_format(args)
     if prompt_format["fallback"] and state.is_main_process:
         logger.warning(f"{prompt_format['fallback']}")
+    categories = choose_multi_turn(args, categories, prompt_format, data_dir, state.is_main_process)
+    multi_turn = {c: load_multi_turn_category(c, data_dir)[0][:args.limit or None] for c in categories if is_multi_turn(c)}
+    entries_by_category = {**{c: entries for c, (entries, _) in datasets.items()}, **multi_turn}
     stats_path, settings = output_dir / "generation.json", generation_settings(args, prompt_format)
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
-    existing = [result_path(output_dir, c) for c in categories if result_path(output_dir, c).exists()]
-    if existing and stats.get("settings", settings) != settings and not args.overwrite:
-        before = stats["settings"]
-        changed = ", ".join(f"{k}: {before.get(k)} -> {v}" for k, v in settings.items() if before.get(k) != v)
-        raise UserError(f"{output_dir} holds results generated with other settings ({changed}): pass --overwrite to "
-                 "regenerate them, or use another --output-dir")
-    state.wait_for_everyone()
-    if state.is_main_process:
-        if args.overwrite or "settings" not in stats:  # recorded before generating, so a killed run is guarded too
-            stats = {"settings": settings}
-            stats_path.write_text(json.dumps(stats, indent=2) + "\n")
-        for category, (entries, _) in datasets.items():
-            if args.overwrite:
-                for stale in output_dir.glob(f"BFCL_v4_{category}_result*"):
-                    stale.unlink()
-            consolidate_results(output_dir, category, entries)  # merge what an interrupted run left behind
-    state.wait_for_everyone()
+    stats = record_settings(args, state, stats_path, stats, settings, output_dir, categories, entries_by_category)
     done = {c: set(read_results(result_path(output_dir, c))) if result_path(output_dir, c).exists() else set()
             for c in categories}
     work = [(c, e) for c, (entries, _) in datasets.items() for e in entries if e["id"] not in done[c]]
     skipped = sum(len(entries) for entries, _ in datasets.values()) - len(work)
+    multi_work = [(c, e) for c, entries in multi_turn.items() for e in entries if e["id"] not in done[c]]
+    multi_skipped = sum(len(entries) for entries in multi_turn.values()) - len(multi_work)
     if state.is_main_process:
-        print(f"{len(work)} prompts to generate over {', '.join(categories)} ({skipped} already in {output_dir})")
+        if datasets:
+            print(f"{len(work)} prompts to generate over {', '.join(datasets)} ({skipped} already in {output_dir})")
+        if multi_turn:
+            print(f"{len(multi_work)} multi-turn entries to run over {', '.join(multi_turn)} ({multi_skipped} already "
+                  f"in {output_dir})")
 
     start_time = time.time()
     prompts_done, tokens_done, gen_time = (generate_missing(args, state, work, output_dir, prompt_format) if work
                                            else (0, 0, 0.0))
+    multi = generate_multi_turn_missing(args, state, multi_work, output_dir) if multi_work else None
     if not state.is_main_process:
         return None
-    for category, (entries, _) in datasets.items():
+    for category, entries in entries_by_category.items():
         consolidate_results(output_dir, category, entries)
-    if work or "prompts_generated" not in stats:  # with nothing left to do, keep the stats of the run that generated
+    if work or multi or "prompts_generated" not in stats:  # with nothing left to do, keep the stats of the run that generated
+        single_turn = {
+            "prompts_generated": prompts_done, "prompts_already_done": skipped, "generated_tokens": tokens_done,
+            "wall_time_s": round(gen_time, 2),
+            "prompts_per_s": round(prompts_done / gen_time, 3) if prompts_done else None,
+            "generated_tokens_per_s": round(tokens_done / gen_time, 1) if prompts_done else None,
+        }
+        if not work and "prompts_generated" in stats:  # this run generated multi-turn only: keep single-turn's stats
+            single_turn = {k: stats[k] for k in single_turn}
         stats = {
             "settings": settings, "model": args.model, "backend": args.backend, "mode": args.mode, "decoder": args.decoder,
             "prompt_format": prompt_format["prompt_format"], "prompt_format_requested": args.prompt_format,
@@ -282,20 +478,26 @@ def run_generation(args):
             "data_dir": args.data_dir and str(data_dir.resolve()), "categories": categories, "limit": args.limit,
             "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "dtype": model_dtype(args.dtype, state.device.type),
             "device": f"{state.num_processes} x {device_name()}", "num_processes": state.num_processes,
-            "prompts_generated": prompts_done, "prompts_already_done": skipped, "generated_tokens": tokens_done,
-            "wall_time_s": round(gen_time, 2), "total_wall_time_s": round(time.time() - start_time, 2),
-            "prompts_per_s": round(prompts_done / gen_time, 3) if prompts_done else None,
-            "generated_tokens_per_s": round(tokens_done / gen_time, 1) if prompts_done else None,
+            **single_turn, "total_wall_time_s": round(time.time() - start_time, 2),
+            "multi_turn": multi_turn_stats(*multi, multi_skipped, state) if multi else stats.get("multi_turn"),
         }
         stats_path.write_text(json.dumps(stats, indent=2) + "\n")
-        print(f"generated {prompts_done} prompts in {gen_time:.1f}s on {stats['device']} "
-              f"({stats['prompts_per_s']} prompts/s, {stats['generated_tokens_per_s']} generated tokens/s)")
+        if work:
+            print(f"generated {prompts_done} prompts in {gen_time:.1f}s on {stats['device']} "
+                  f"({stats['prompts_per_s']} prompts/s, {stats['generated_tokens_per_s']} generated tokens/s)")
+        if multi:
+            m = stats["multi_turn"]
+            print(f"ran {m['entries_generated']} multi-turn entries in {m['wall_time_s']}s on {m['device']}: "
+                  f"{m['steps']} steps ({m['prompts_per_s']} prompts/s), {m['generated_tokens_per_s']} generated tokens/s")
     return data_dir
 
 
 def run_prompts(args):
     """Write the exact prompt text generation would feed the model, one JSON object per entry; no weights loaded."""
-    _, _, datasets = load_datasets(args.data_dir, args.categories, args.limit)
+    _, categories, datasets = load_datasets(args.data_dir, args.categories, args.limit, multi_turn=True)
+    skipped = [c for c in categories if is_multi_turn(c)]
+    if skipped:
+        print(f"not written: {', '.join(skipped)} (a multi-turn prompt depends on the model's earlier answers)")
     prompt_format = model_prompt_format(args)
     if prompt_format["fallback"]:
         logger.warning(f"{prompt_format['fallback']}")

@@ -1,5 +1,5 @@
-"""Scores and reports for BFCL results: per-entry verdicts (the official checker's rules, bfcl_checker.py), the
-leaderboard's aggregate columns, summaries (summary.json / summary.md), side-by-side comparisons, the error analysis
+"""Scores and reports for BFCL results: per-entry verdicts (the official checker's rules: bfcl_checker.py for
+single-turn, bfcl_multi_turn.py for multi-turn), the leaderboard's aggregate columns and its Overall, summaries (summary.json / summary.md), side-by-side comparisons, the error analysis
 (decodes as calls -> right functions -> right arguments) and its plot.
 """
 
@@ -11,15 +11,25 @@ from pathlib import Path
 from fcsft.bfcl_checker import call_outcome, score_bfcl_entry
 from fcsft.bfcl_data import (
     LIVE,
+    MULTI_TURN,
     NON_LIVE,
     OUT_OF_SCOPE,
     SCOPE_NOTE,
     category_order,
     find_result_files,
+    is_multi_turn,
     load_category,
     package_data_dir,
     read_results,
     write_jsonl_atomic,
+)
+from fcsft.bfcl_multi_turn import (
+    harness_model_name,
+    leaderboard_overall,
+    load_multi_turn_category,
+    multi_turn_accuracy,
+    multi_turn_error_analysis,
+    score_multi_turn_category,
 )
 from fcsft.errors import UserError
 from fcsft.metrics import format_percent
@@ -101,10 +111,33 @@ def aggregate_scores(scores):
         "Relevance": _mean("live_relevance", [part("live_relevance")]),
     }
     aggregates["Overall (single-turn)"] = single_turn_overall(aggregates)
-    custom = [c for c in scores if c not in NON_LIVE + LIVE]
+    if any(c in NON_LIVE + LIVE + MULTI_TURN for c in scores):
+        aggregates["Multi-Turn"] = multi_turn_accuracy(scores)
+        aggregates["Overall (leaderboard)"] = leaderboard_aggregate(scores)
+    custom = [c for c in scores if c not in NON_LIVE + LIVE + MULTI_TURN]
     if custom:
         aggregates["overall (custom)"] = _mean("unweighted mean of " + ", ".join(custom), [part(c) for c in custom])
     return aggregates
+
+
+def leaderboard_aggregate(scores):
+    """The leaderboard's Overall as the official table computes it (a category not run counts 0), labelled with the
+    parts run. Status "ok" only when every part was run in full; else "partial" (the number is still the official
+    table's, and the formula says what was counted as 0)."""
+    try:
+        overall = leaderboard_overall(scores)
+    except UserError as err:  # the live AST sizes come from bfcl-eval's data when those categories were not run
+        return {"accuracy": None, "status": f"not computed ({err})", "formula": "the leaderboard's Overall"}
+    by_status = {status: [n for n, p in overall["parts"].items() if p["status"] == status]
+                 for status in ("run", "partly run", "not run")}
+    label = "the leaderboard's Overall: Non-Live 10, Live 10, Irrelevance 10, Multi-Turn 30, Agentic 40 (normalised)"
+    label += "; run: " + (", ".join(by_status["run"]) or "none")
+    if by_status["partly run"]:
+        label += "; partly run (missing categories count 0): " + ", ".join(by_status["partly run"])
+    if by_status["not run"]:
+        label += "; not run, counted 0: " + ", ".join(by_status["not run"])
+    return {"accuracy": overall["accuracy"], "status": "ok" if overall["complete"] else "partial", "formula": label,
+            "parts": overall["parts"]}
 
 
 OUTCOME_STEPS = {"decodes_as_calls": "decodes as calls", "right_functions": "right function(s)",
@@ -140,8 +173,9 @@ def describe_prompt_format(info):
 def summary_markdown(summary):
     scores, lines = summary["categories"], [f"# BFCL v4 results ({summary['decoder']} decoder)", ""]
     lines += [f"Prompt format: {describe_prompt_format(summary['prompt_format'])}.", ""]
-    official_run = any(c in NON_LIVE + LIVE for c in scores)
-    rows = [c for c in NON_LIVE + LIVE if official_run] + sorted(c for c in scores if c not in NON_LIVE + LIVE)
+    official_run = any(c in NON_LIVE + LIVE + MULTI_TURN for c in scores)
+    rows = [c for c in NON_LIVE + LIVE + MULTI_TURN if official_run] + \
+        sorted(c for c in scores if c not in NON_LIVE + LIVE + MULTI_TURN)
     lines += ["| category | accuracy (%) | correct / total |", "|---|---:|---:|"]
     for c in rows:
         s = scores.get(c)
@@ -152,28 +186,61 @@ def summary_markdown(summary):
     lines += ["", "| aggregate | accuracy (%) | how |", "|---|---:|---|"]
     for name, agg in summary["aggregates"].items():
         if official_run or name == "overall (custom)":
-            value = format_percent(agg["accuracy"]) if agg["status"] in ("ok", "not run") else agg["status"]
+            value = format_percent(agg["accuracy"]) if agg["accuracy"] is not None or agg["status"] == "not run" \
+                else agg["status"]
             lines.append(f"| {name} | {value} | {agg['formula']} |")
-    lines += ["", "## Error analysis", "", ERROR_ANALYSIS_NOTE, "",
-              "| category | " + " | ".join(f"{step} (%)" for step in OUTCOME_STEPS.values()) + " | errors by official type |",
-              "|---" + "|---:" * len(OUTCOME_STEPS) + "|---|"]
-    for c in (c for c in rows if c in scores):
+    lines += ["", "## Error analysis"]
+    single_turn = [c for c in rows if c in scores and not is_multi_turn(c)]
+    if single_turn:
+        lines += ["", ERROR_ANALYSIS_NOTE, "",
+                  "| category | " + " | ".join(f"{step} (%)" for step in OUTCOME_STEPS.values()) + " | errors by official type |",
+                  "|---" + "|---:" * len(OUTCOME_STEPS) + "|---|"]
+    for c in single_turn:
         rates = scores[c]["rates"]
         errors = ", ".join(f"{name} {count}" for name, count in scores[c]["error_types"].items()) or "none"
         values = ["" if rates[k] is None else format_percent(rates[k]) for k in OUTCOME_STEPS]
         lines.append(f"| {c} | " + " | ".join(values) + f" | {errors} |")
-    generation = summary.get("generation")
-    if generation and "prompts_generated" in generation:
+    lines += multi_turn_analysis_lines(scores, rows)
+    generation = summary.get("generation") or {}
+    if generation.get("prompts_generated"):
         lines += ["", f"Generated with `{generation['model']}` ({generation['backend']}, {generation['mode']} mode) on "
                   f"{generation['device']}: {generation['prompts_generated']} prompts in {generation['wall_time_s']}s, "
                   f"{generation['prompts_per_s']} prompts/s, {generation['generated_tokens_per_s']} generated tokens/s."]
+    multi = generation.get("multi_turn")
+    if multi:
+        lines += ["", f"Multi-turn generated with `{generation['model']}` ({generation['backend']}): "
+                  f"{multi['entries_generated']} entries in {multi['wall_time_s']}s on {multi['device']}, "
+                  f"{multi['steps']} steps ({multi['prompts_per_s']} prompts/s), {multi['generated_tokens']} tokens "
+                  f"generated ({multi['generated_tokens_per_s']} tokens/s)."]
     return "\n".join(lines + ["", SCOPE_NOTE, ""])
+
+
+MULTI_TURN_ANALYSIS_NOTE = ("Multi-turn error analysis: the turns run, the share of them in which some step decodes "
+                            "to a call, and the failed entries by official error type, with the turn where the check "
+                            "failed (`-`: the entry has no per-turn verdict, e.g. force-terminated or an inference "
+                            "error).")
+
+
+def multi_turn_analysis_lines(scores, rows):
+    categories = [c for c in rows if c in scores and is_multi_turn(c)]
+    if not categories:
+        return []
+    lines = ["", MULTI_TURN_ANALYSIS_NOTE, "",
+             "| category | entries | turns | turns with a call (%) | failed entries by error type (turn: entries) |",
+             "|---|---:|---:|---:|---|"]
+    for c in categories:
+        analysis = scores[c]["multi_turn"]
+        failed = "; ".join(f"{kind} " + ", ".join(f"{turn}: {n}" for turn, n in by_turn.items())
+                           for kind, by_turn in analysis["failed_turns"].items()) or "none"
+        lines.append(f"| {c} | {analysis['entries']} | {analysis['turns']} | "
+                     f"{format_percent(analysis['turns_with_call_share'])} | {failed} |")
+    return lines
 
 
 def build_summary(scores, decoder, data_dir, generation, prompt_format):
     return {"scope": SCOPE_NOTE, "decoder": decoder, "data_dir": str(data_dir), "prompt_format": prompt_format,
             "categories": scores, "aggregates": aggregate_scores(scores),
-            "not_run": [c for c in NON_LIVE + LIVE if c not in scores], "generation": generation}
+            "not_run": [c for c in NON_LIVE + LIVE + MULTI_TURN if c not in scores], "generation": generation}
 
 
 def write_summary(output_dir, summary, quiet=False):
@@ -205,12 +272,38 @@ def run_score(result_dir, output_dir=None, data_dir=None, decoder=None, prompt_f
             continue
         if not (data_dir / f"BFCL_v4_{category}.json").exists():
             raise UserError(f"{files[category]}: no BFCL_v4_{category}.json in {data_dir} (pass --data-dir)")
-        entries, answers = load_category(data_dir, category)
-        rows, scores[category] = score_category(category, read_results(files[category]), entries, answers, decoder)
+        if is_multi_turn(category):
+            rows, scores[category] = score_multi_turn_file(category, files[category], data_dir)
+        else:
+            entries, answers = load_category(data_dir, category)
+            rows, scores[category] = score_category(category, read_results(files[category]), entries, answers, decoder)
         write_jsonl_atomic(output_dir / f"BFCL_v4_{category}_score.json", rows)
     summary = build_summary(scores, decoder, data_dir, generation, prompt_format_of(generation, prompt_format))
     write_summary(output_dir, summary)
     return summary
+
+
+def multi_turn_model_name(path):
+    """The model name a multi-turn result file is checked under: its folder's name, as the official checker takes
+    the model's result folder (skipping the official layout's group folder, <model>/multi_turn/)."""
+    folder = Path(path).resolve().parent
+    return harness_model_name((folder.parent if folder.name == "multi_turn" else folder).name)
+
+
+def score_multi_turn_file(category, path, data_dir):
+    """Score rows and the category's score (with its error analysis) for one multi-turn result file."""
+    entries, answers = load_multi_turn_category(category, data_dir)
+    results = read_results(path)
+    known = {entry["id"] for entry in entries}
+    unknown = [i for i in results if i not in known]
+    if unknown:
+        logger.warning(f"{category}: ignoring {len(unknown)} result ids not in the data set (e.g. {unknown[0]})")
+    try:
+        rows, score = score_multi_turn_category(category, results, entries, answers, multi_turn_model_name(path))
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+    score["multi_turn"] = multi_turn_error_analysis({category: rows})[category]
+    return rows, score
 
 
 def load_summaries(dirs, mixed_formats=False):
@@ -244,8 +337,9 @@ def table(header, rows, text_columns=1):
 def run_compare(dirs, plot=None, mixed_formats=False):
     summaries, formats = load_summaries(dirs, mixed_formats)
     categories = sorted({c for s in summaries for c in s["categories"]}, key=category_order)
-    official_run = any(c in NON_LIVE + LIVE for c in categories)
-    shown = [c for c in NON_LIVE + LIVE if official_run] + [c for c in categories if c not in NON_LIVE + LIVE]
+    official_run = any(c in NON_LIVE + LIVE + MULTI_TURN for c in categories)
+    shown = [c for c in NON_LIVE + LIVE + MULTI_TURN if official_run] + \
+        [c for c in categories if c not in NON_LIVE + LIVE + MULTI_TURN]
     rows = [(c, [s["categories"].get(c, {}).get("accuracy") for s in summaries]) for c in shown]
     names = dict.fromkeys(n for s in summaries for n in s["aggregates"] if official_run or n == "overall (custom)")
     rows += [(f"**{n}**", [s["aggregates"].get(n, {}).get("accuracy") for s in summaries]) for n in names]
@@ -264,6 +358,9 @@ def run_compare(dirs, plot=None, mixed_formats=False):
             values = [(s["categories"].get(c) or {}).get("rates", {}).get(key) for s in summaries]
             if any(v is not None for v in values):
                 analysis.append([c, step, *with_deltas(values)])
+        values = [((s["categories"].get(c) or {}).get("multi_turn") or {}).get("turns_with_call_share") for s in summaries]
+        if is_multi_turn(c) and any(v is not None for v in values):
+            analysis.append([c, "turns with a call", *with_deltas(values)])
         for error_type in dict.fromkeys(t for s in summaries for t in (s["categories"].get(c) or {}).get("error_types", {})):
             counts = [(s["categories"].get(c) or {}).get("error_types", {}).get(error_type, 0) for s in summaries]
             errors.append([c, error_type, *map(str, counts)])

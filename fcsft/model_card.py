@@ -45,7 +45,7 @@ def bfcl_eval_results(summary):
 
     def result(name, accuracy, config=None):
         return EvalResult(task_type="text-generation", task_name="Function calling", dataset_type=BFCL_DATASET,
-                          dataset_name="BFCL v4 (single-turn)", dataset_config=config, metric_type="accuracy",
+                          dataset_name="BFCL v4", dataset_config=config, metric_type="accuracy",
                           metric_name=name, metric_value=round(100 * accuracy, 2))
 
     complete = {c: s for c, s in summary["categories"].items() if s["accuracy"] is not None and s["total"] == s["expected"]}

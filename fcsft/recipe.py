@@ -160,7 +160,8 @@ def check_evaluation_keys(script_args, training_args, recipe):
             problems.append(f"bfcl_eval_dir {script_args.bfcl_eval_dir} is not a folder")
         else:
             try:
-                resolve_categories(script_args.bfcl_eval_categories.split(","), script_args.bfcl_eval_dir)
+                resolve_categories(script_args.bfcl_eval_categories.split(","), script_args.bfcl_eval_dir,
+                                   multi_turn=False)
             except UserError as err:  # its message names the category and what the folder has
                 problems.append(f"bfcl_eval_categories: {err}")
         if script_args.bfcl_eval_prompt_format not in ("bfcl", "chat_template"):

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 COLUMNS = ["run", "status", "settings", "devices", "train_seconds", "train_time_measured", "gpu_hours", "real_tokens_per_s_per_gpu", "mfu_percent",
            "peak_memory_gib_per_gpu", "train_loss", "eval_loss", "bfcl_non_live", "bfcl_live", "bfcl_irrelevance",
-           "bfcl_overall", "points_over_baseline", "cost_usd", "usd_per_point", "compute_percent",
+           "bfcl_overall", "bfcl_multi_turn", "bfcl_overall_leaderboard", "bfcl_overall_leaderboard_parts",
+           "points_over_baseline", "cost_usd", "usd_per_point", "compute_percent",
            "exposed_comm_percent", "idle_percent", "device", "peak_tflops", "run_dir"]
 
 
@@ -89,6 +90,16 @@ def bfcl_scores(summary):
     overall = single_turn_overall(aggregates)["accuracy"] if any(p is not None for p in parts) else pick("overall (custom)")
     to_percent = lambda x: None if x is None else 100 * x  # noqa: E731
     return (*map(to_percent, parts), to_percent(overall))
+
+
+def bfcl_leaderboard_scores(summary):
+    """(Multi-Turn, the leaderboard's Overall) in percent, and which parts of the Overall were run ("Non-Live+Live+
+    ..."; the others count 0, as in the official table). None for runs without official categories."""
+    aggregates = (summary or {}).get("aggregates") or {}
+    multi_turn, overall = aggregates.get("Multi-Turn") or {}, aggregates.get("Overall (leaderboard)") or {}
+    to_percent = lambda x: None if x is None else 100 * x  # noqa: E731
+    parts = "+".join(name for name, part in (overall.get("parts") or {}).items() if part["status"] != "not run")
+    return to_percent(multi_turn.get("accuracy")), to_percent(overall.get("accuracy")), parts or None
 
 
 def trained_settings(summary):
@@ -158,6 +169,8 @@ def report_rows(run_dirs, price_per_gpu_hour, peak_tflops=None, baseline=None, m
         elif row["baseline"]:
             row.update(gpu_hours=0.0)
         row["bfcl_non_live"], row["bfcl_live"], row["bfcl_irrelevance"], row["bfcl_overall"] = bfcl_scores(run["bfcl"])
+        row["bfcl_multi_turn"], row["bfcl_overall_leaderboard"], row["bfcl_overall_leaderboard_parts"] = \
+            bfcl_leaderboard_scores(run["bfcl"])
         ranks = [b for b in ((run["profile"] or {}).get("per_rank") or []) if "error" not in b]
         if ranks:  # the mean over ranks
             for column, key in (("compute_percent", "compute"), ("exposed_comm_percent", "exposed_comm"), ("idle_percent", "idle")):
@@ -205,7 +218,8 @@ MARKDOWN_COLUMNS = [("run", "run"), ("settings", "settings that differ"), ("trai
                     ("gpu_hours", "GPU x h"), ("real_tokens_per_s_per_gpu", "real tok/s/GPU"), ("mfu_percent", "MFU %"),
                     ("peak_memory_gib_per_gpu", "peak GiB/GPU"), ("train_loss", "train loss"), ("eval_loss", "eval loss"),
                     ("bfcl_non_live", "non-live"), ("bfcl_live", "live"), ("bfcl_irrelevance", "irrelevance"),
-                    ("bfcl_overall", "overall"), ("points_over_baseline", "pts vs base"), ("cost_usd", "cost $"),
+                    ("bfcl_overall", "overall"), ("bfcl_multi_turn", "multi-turn"),
+                    ("bfcl_overall_leaderboard", "leaderboard overall"), ("points_over_baseline", "pts vs base"), ("cost_usd", "cost $"),
                     ("usd_per_point", "$/pt"), ("exposed_comm_percent", "exposed comm %"), ("status", "status")]
 
 
@@ -222,8 +236,10 @@ def write_report(run_dirs, output_dir, price_per_gpu_hour, peak_tflops=None, bas
     lines = [f"# {title}", "",
              f"Cost: GPU x hours of training (a sweep point's train command from launch to exit, else the training loop of "
              f"run_summary.json) at ${price_per_gpu_hour:.3f} per GPU-hour; $/pt: cost per BFCL point gained over "
-             "the untrained baseline. BFCL in %, single-turn only: overall is the mean of non-live (AST), live (AST) "
-             "and irrelevance, the leaderboard's v4 Overall restricted to its single-turn parts (equal weights). "
+             "the untrained baseline. BFCL in %: overall is the mean of non-live (AST), live (AST) and irrelevance, the "
+             "leaderboard's v4 Overall restricted to its single-turn parts (equal weights), and pts vs base uses it; "
+             "multi-turn is the mean of the four multi-turn categories; leaderboard overall is the official Overall "
+             "(10/10/10/30/40 with agentic), where every part not run counts 0 (results.csv lists the parts run). "
              "Real tok/s/GPU: non-padding tokens, warm-up log excluded; MFU: (6N + 12·L·d·s) FLOPs per real token "
              "against the device's peak; peak GiB/GPU: the largest rank's peak (GPU: allocated; CPU: RSS); "
              "exposed comm %: share of profiled step time in collectives not hidden by compute (profile_steps).", "",

@@ -224,8 +224,8 @@ def test_clear_errors(tmp_path):
     (tmp_path / "BFCL_v4_simple_python_result.json").write_text('{"id": "simple_python_0", "result": "x"}\nnot json\n{"id": 1}\n')
     proc = run("eval_bfcl.py", "score", "--result-dir", tmp_path, check=False)
     assert proc.returncode != 0 and "BFCL_v4_simple_python_result.json:2" in proc.stderr
-    proc = run("eval_bfcl.py", "--model", "unused", "--categories", "multi_turn_base", "--output-dir", tmp_path, check=False)
-    assert proc.returncode != 0 and "out of scope" in proc.stderr
+    proc = run("eval_bfcl.py", "--model", "unused", "--categories", "web_search", "--output-dir", tmp_path, check=False)
+    assert proc.returncode != 0 and "out of scope" in proc.stderr and "paid search API" in proc.stderr
 
 
 # --- Aggregation -----------------------------------------------------------------------------------------------------

@@ -123,7 +123,11 @@ def test_results_table_and_plots_have_every_column(finished_sweep):
     assert list(rows) == ["baseline", "lr_high", "lr_low", "missing_data"]
     for name in ("lr_high", "lr_low"):
         empty = [c for c in study_report.COLUMNS if rows[name][c] == ""]
-        assert not empty, f"{name}: empty columns {empty}"
+        # the sweep's BFCL data is single-turn: no Multi-Turn; the leaderboard's Overall counts it (and agentic) 0
+        assert empty == ["bfcl_multi_turn"], f"{name}: empty columns {empty}"
+        assert rows[name]["bfcl_overall_leaderboard_parts"] == "Non-Live+Live+Irrelevance"
+        # (10 non-live + 10 live + 10 irrelevance) / 100 = 0.3 x their mean, the single-turn overall
+        assert float(rows[name]["bfcl_overall_leaderboard"]) == pytest.approx(0.3 * float(rows[name]["bfcl_overall"]))
         r = rows[name]
         assert r["status"] == "done" and r["devices"] == "2" and r["device"].startswith("cpu")
         assert r["settings"] == f"learning_rate={'0.003' if name == 'lr_high' else '0.001'}"  # only what differs
@@ -235,6 +239,23 @@ def test_cost_arithmetic_by_hand(tmp_path):
     assert sft["mfu_percent"] == pytest.approx(100 * 1000 * 19_046_473_728 / 989e12)
     assert sft["peak_memory_gib_per_gpu"] == pytest.approx(40.0)
     assert (sft["train_loss"], sft["eval_loss"]) == (1.5, 1.7)
+
+
+def test_report_multi_turn_and_leaderboard_overall_columns(tmp_path):
+    """A run scored on every single-turn and multi-turn category at 50%: Multi-Turn 50, and the leaderboard's
+    Overall 0.5 x (10 + 10 + 10 + 30) / 100 = 30, agentic (not run) counting 0; the parts run are listed."""
+    from fcsft import bfcl_data, bfcl_report
+
+    scores = {c: {"accuracy": 0.5, "total": 10} for c in bfcl_data.NON_LIVE + bfcl_data.LIVE + bfcl_data.MULTI_TURN}
+    (tmp_path / "full" / "bfcl").mkdir(parents=True)
+    (tmp_path / "full" / "bfcl" / "summary.json").write_text(json.dumps(
+        {"categories": scores, "aggregates": bfcl_report.aggregate_scores(scores), "generation": {"model": "m"}}))
+    (row,) = study_report.report_rows([tmp_path / "full"], price_per_gpu_hour=2.875)
+    assert row["bfcl_overall"] == pytest.approx(50) and row["bfcl_multi_turn"] == pytest.approx(50)
+    assert row["bfcl_overall_leaderboard"] == pytest.approx(30)
+    assert row["bfcl_overall_leaderboard_parts"] == "Non-Live+Live+Irrelevance+Multi-Turn"
+    study_report.write_report([tmp_path / "full"], tmp_path / "report", 2.875)
+    assert "| multi-turn | leaderboard overall |" in (tmp_path / "report" / "results.md").read_text()
 
 
 def test_grid_one_at_a_time_and_points(tmp_path):
