@@ -218,6 +218,10 @@ def weights_fingerprint(model):
     return digest.hexdigest()[:16] if Path(model).is_dir() else None
 
 
+def rank_result_paths(output_dir, category):
+    return sorted(Path(output_dir).glob(f"BFCL_v4_{category}_result.rank*.jsonl"))
+
+
 def generation_settings(args, prompt_format):
     """What decides the outputs; results generated under other settings (a prompt format included) are never
     resumed."""
@@ -243,7 +247,9 @@ def run_generation(args):
         logger.warning(f"{prompt_format['fallback']}")
     stats_path, settings = output_dir / "generation.json", generation_settings(args, prompt_format)
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
-    existing = [result_path(output_dir, c) for c in categories if result_path(output_dir, c).exists()]
+    # A killed multi-process run leaves only per-rank files (merged at the next start): they count as results too
+    existing = [path for c in categories for path in [result_path(output_dir, c), *rank_result_paths(output_dir, c)]
+                if path.exists()]
     if existing and stats.get("settings", settings) != settings and not args.overwrite:
         before = stats["settings"]
         changed = ", ".join(f"{k}: {before.get(k)} -> {v}" for k, v in settings.items() if before.get(k) != v)

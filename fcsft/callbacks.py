@@ -34,6 +34,7 @@ from fcsft.hub import (
     make_hub_client,
     push_folder,
     scrub_token,
+    scrub_value,
 )
 from fcsft.metrics import attention_span, device_name, peak_memory_now
 from fcsft.model_card import front_matter
@@ -145,7 +146,7 @@ def run_info(script_args, training_args, model_args, trainer, data_report):
     }
     if info["recipe"]:
         info["recipe_text"] = Path(info["recipe"]).read_text()
-    return info
+    return scrub_value(info)  # no token is written, whichever way it was given (a refused hub_token included)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,21 @@ def wants_fsdp_on_cpu():
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available()
 
 
+def check_gpu_launch():
+    """One line, before anything else, when a GPU accelerate config (mixed precision bf16/fp16) is launched on a
+    machine without a CUDA device: otherwise every rank prints TRL's bf16 message and torchrun its own report.
+    Only local rank 0 says it; the other ranks exit quietly."""
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if precision in ("no", "") or torch.cuda.is_available():
+        return
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        raise SystemExit(1)
+    config = "accelerate_configs/cpu_fsdp_full.yaml" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" \
+        else "no accelerate config (plain python train_sft.py ...)"
+    raise UserError(f"the accelerate config asks for mixed_precision {precision} on GPUs, but no CUDA GPU was found on "
+                    f"this machine: on CPU use {config}")
+
+
 def enable_fsdp_on_cpu():
     """Patch AcceleratorState so a multi-process CPU launch with an FSDP config really uses FSDP."""
     if not wants_fsdp_on_cpu() or getattr(AcceleratorState, "_cpu_fsdp_patched", False):

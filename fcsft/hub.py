@@ -5,6 +5,7 @@ local folder (kept) and the command that uploads it later.
 
 import logging
 import os
+import re
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -26,9 +27,30 @@ def looks_local(name):
     return name is None or Path(name).exists() or Path(name).suffix in (".json", ".jsonl", ".parquet")
 
 
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "HF_API_TOKEN", "WANDB_API_KEY")
+# What Hugging Face user and organisation tokens look like (hf_ + 30-40 letters and digits; api_org_... for old ones)
+TOKEN_PATTERN = re.compile(r"\b(?:hf_[A-Za-z0-9]{16,}|api_org_[A-Za-z0-9]{16,})\b")
+extra_secrets = set()  # tokens given by another route (a refused hub_token): scrubbed from everything written too
+
+
 def scrub_token(text):
-    token = os.environ.get("HF_TOKEN")
-    return str(text).replace(token, "***") if token else str(text)
+    """The text with every token replaced by ***: the values of the token variables, any token seen by another
+    route, and anything that looks like a Hugging Face token (hf_...), whichever way it was given."""
+    text = str(text)
+    secrets = {os.environ.get(name) for name in TOKEN_VARIABLES} | extra_secrets
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        if len(secret) >= 8:  # a short value (e.g. "1") is not a secret and would garble the text
+            text = text.replace(secret, "***")
+    return TOKEN_PATTERN.sub("***", text)
+
+
+def scrub_value(value):
+    """scrub_token over a JSON-like value (dicts, lists, strings), for run summaries and settings."""
+    if isinstance(value, dict):
+        return {key: scrub_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub_value(item) for item in value]
+    return scrub_token(value) if isinstance(value, str) else value
 
 
 def hub_access_problem(get_client, repo_id, private, what, create_repo=True):
