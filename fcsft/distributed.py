@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 
 import accelerate
 import torch
@@ -40,6 +41,7 @@ def check_gpu_launch():
     if precision in ("no", "") or torch.cuda.is_available():
         return
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        time.sleep(5)  # torchrun stops every rank when one exits: let local rank 0 say why first
         raise SystemExit(1)
     config = "accelerate_configs/cpu_fsdp_full.yaml" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" \
         else "no accelerate config (plain python train_sft.py ...)"

@@ -8,6 +8,8 @@ import os
 import re
 from pathlib import Path
 
+from fcsft.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -31,6 +33,25 @@ TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN"
 # What Hugging Face user and organisation tokens look like (hf_ + 30-40 letters and digits; api_org_... for old ones)
 TOKEN_PATTERN = re.compile(r"\b(?:hf_[A-Za-z0-9]{16,}|api_org_[A-Za-z0-9]{16,})\b")
 extra_secrets = set()  # tokens given by another route (a refused hub_token): scrubbed from everything written too
+
+
+def check_model_source(name, key):
+    """Before any folder is made or anything loads: a model given as a path must be a folder, and a hub id must be
+    reachable or cached. Otherwise transformers says "Repo id must be in the form..." about a mistyped path, or
+    prints 47 lines about the network for an id that was never downloaded."""
+    if not name or Path(name).is_dir():
+        return
+    if Path(name).exists():
+        raise UserError(f"{key}: {name} is a file, not a model folder (config.json + weights) or a hub id")
+    hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) and not name.startswith((".", "-")) and ".." not in name
+    if not hub_id:
+        raise UserError(f"{key}: {name}: no such folder (and not a hub id of the form owner/name)")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise UserError(f"{key}: {name} is neither a local folder nor in the Hugging Face cache, and the hub is offline "
+                        f"(HF_HUB_OFFLINE=1): download it first with `hf download {name}` (on a machine with network, "
+                        "then copy the cache), or give a local folder")
 
 
 def scrub_token(text):
