@@ -16,6 +16,7 @@ from fcsft.bfcl_train_eval import attach_bfcl_evaluator, with_bfcl_eval
 from fcsft.callbacks import (
     EpochCheckpointCallback,
     last_complete_checkpoint,
+    length_report,
     make_adapter_checkpoint_callback,
     make_report_callback,
     run_info,
@@ -47,6 +48,7 @@ def main(script_args, training_args, model_args):
     trainer = trainer_class(model=model_args.model_name_or_path, args=training_args, train_dataset=train_dataset,
                             eval_dataset=eval_dataset, peft_config=get_peft_config(model_args))
     verify_fsdp_applied(trainer.accelerator)
+    data_report["length"] = length_report(len(train_dataset), trainer, training_args.max_length)  # in run_summary.json
     if script_args.show_examples:
         if trainer.accelerator.is_main_process:
             show_examples(trainer, script_args.show_examples)

@@ -133,6 +133,24 @@ def make_report_callback(accelerator, output_dir, run_info=None):
     return RunReportCallback()
 
 
+def length_report(rows_given, trainer, max_length):
+    """What the trainer's own truncation did to the rows it was given: TRL cuts every tokenized row to max_length and
+    then drops the rows left without a trained token (with assistant-only loss: the reply was cut off), silently.
+    {"max_length", "rows_given", "rows_kept", "dropped_for_length", "truncated"} (truncated: rows now exactly
+    max_length tokens long, i.e. cut, or exactly that long to begin with), also logged."""
+    dataset = trainer.train_dataset
+    if max_length is None or dataset is None or "input_ids" not in dataset.column_names:
+        return None
+    report = {"max_length": max_length, "rows_given": rows_given, "rows_kept": len(dataset),
+              "dropped_for_length": rows_given - len(dataset),
+              "truncated": sum(len(ids) >= max_length for ids in dataset["input_ids"])}
+    if report["dropped_for_length"] or report["truncated"]:
+        logger.warning("data: max_length %d: %d of %d train rows dropped (no trained token left after truncation), "
+                       "%d truncated; raise max_length to keep them", max_length, report["dropped_for_length"],
+                       rows_given, report["truncated"])
+    return report
+
+
 def run_info(script_args, training_args, model_args, trainer, data_report):
     """What run_summary.json records besides the measurements: what was trained, on what, on which machine (the
     model card and `sweep.py report` read it)."""
