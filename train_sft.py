@@ -74,6 +74,7 @@ def main(script_args, training_args, model_args):
     if str(resume).lower() == "true":
         resume = last_complete_checkpoint(training_args.output_dir)
         logger.warning("resume: continuing from %s", resume)
+    facts["resumed_from"] = str(resume) if resume and str(resume).lower() not in ("false", "none") else None  # run_summary.json: the table says the run was resumed
     trainer.train(resume_from_checkpoint=resume)
 
     # The final model: one Hugging Face checkpoint gathered from the FSDP shards, and TRL's model card

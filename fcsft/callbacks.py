@@ -127,6 +127,10 @@ def make_report_callback(accelerator, output_dir, run_info=None):
                     "global_step": state.global_step,
                     "log_history": state.log_history,
                 }
+                if summary.get("resumed_from"):  # the trainer's average counts only this process's steps
+                    summary["train_loss_note"] = (f"resumed from {summary['resumed_from']}: the trainer's train_loss in "
+                                                  "log_history averages only the steps run after resuming; the "
+                                                  "per-step losses in log_history cover the whole run")
                 Path(output_dir).mkdir(parents=True, exist_ok=True)
                 (Path(output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=1))
 

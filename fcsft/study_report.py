@@ -27,7 +27,8 @@ COLUMNS = ["run", "status", "settings", "devices", "train_seconds", "train_time_
            "exposed_comm_percent", "idle_percent", "device", "peak_tflops", "run_dir"]
 
 
-SETTINGS_NOT_COMPARED = {"output_dir", "logging_dir", "run_name"}  # differ by construction
+# differ by construction (a resumed point is the same run; the table says it was resumed)
+SETTINGS_NOT_COMPARED = {"output_dir", "logging_dir", "run_name", "resume_from_checkpoint"}
 
 
 def value_label(value):
@@ -131,6 +132,11 @@ def report_rows(run_dirs, price_per_gpu_hour, peak_tflops=None, baseline=None, m
         status = point.get("status") or "done"
         if status == "failed":
             status = f"failed: {point.get('error')}"
+        attempts = len((point.get("attempt_seconds") or {}).get("train") or [])
+        if attempts > 1 or (train and train.get("resumed_from")):
+            status += (f" (resumed: {attempts} attempts, time and cost over all of them" if attempts > 1 else
+                       " (resumed from a checkpoint") + (", a killed one estimated from its log" if
+                                                          "train" in point.get("estimated_attempts", []) else "") + ")"
         row = {"run": point.get("name") or run["dir"].name, "status": status, "settings": setting, "run_dir": str(run["dir"]),
                "baseline": not train and (bool(point.get("baseline_model")) or bool(run["bfcl"]))}
         if train:
