@@ -20,6 +20,8 @@ import pytest
 import yaml
 from conftest import ACCELERATE, PYTHON, REPO, run
 
+from fcsft import sweeps
+
 TOKEN = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"  # looks like a real token: scrubbed by its look as well
 
 
@@ -91,7 +93,7 @@ def other_cases(assets, root):
                                         "fine-tuned version of [m](https://huggingface.co/m).\nIt has been trained using "
                                         "[TRL](https://github.com/huggingface/trl).\n")
     sweep_recipe = write_recipe(root / "sweep_recipe.yaml", assets, max_steps=2)
-    base = {"recipe": str(sweep_recipe), "accelerate_config": "accelerate_configs/cpu_fsdp_full.yaml",
+    base = {"recipe": str(sweep_recipe), "accelerate_config": str(REPO / "accelerate_configs" / "cpu_fsdp_full.yaml"),
             "grid": {"learning_rate": [1.0e-3]}}
     typo = root / "typo_sweep.yaml"
     typo.write_text(yaml.safe_dump({**base, "output_dir": str(root / "typo_sweep_out"),
@@ -99,6 +101,7 @@ def other_cases(assets, root):
     (root / "syntax_sweep.yaml").write_text("recipe: x.yaml\ngrid: {learning_rate: [1e-3}\n")
     locked = root / "locked_sweep.yaml"
     locked.write_text(yaml.safe_dump({**base, "output_dir": str(root / "locked_out"), "bfcl": {"score_trained": False}}))
+    sweeps.claim_folder(sweeps.load_sweep(locked))  # the sweep started before, in this folder
     point_dir = root / "locked_out" / "learning_rate=0.001"
     point_dir.mkdir(parents=True)
     holder = {"host": os.uname().nodename, "pid": os.getpid(), "child_pid": None, "since": "now"}  # pytest: alive
