@@ -24,6 +24,7 @@ from fcsft.callbacks import (
 )
 from fcsft.distributed import check_gpu_launch, enable_fsdp_on_cpu, verify_fsdp_applied
 from fcsft.errors import exit_on_user_error
+from fcsft.hub import check_model_source
 from fcsft.recipe import model_init_kwargs, parse_recipe, settle_launch_settings
 from fcsft.step_profile import make_profile_callback
 from fcsft.training_data import build_datasets, show_examples, source_configs
@@ -37,6 +38,9 @@ def main(script_args, training_args, model_args):
 
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
     settle_launch_settings(script_args, training_args)
+    # before any data loads or folder is made (parse_recipe leaves it out: it also reads recipes on machines without
+    # the model, e.g. to print a sweep's commands)
+    check_model_source(model_args.model_name_or_path, f"model_name_or_path in {script_args.recipe}")
 
     # Data: the recipe's sources, converted, checked, transformed and mixed (every dropped row counted)
     train_dataset, eval_dataset, data_report = build_datasets(script_args, training_args.seed, script_args.recipe)

@@ -13,7 +13,6 @@ from pathlib import Path
 from fcsft.bfcl_data import resolve_categories
 from fcsft.chat_formats import NO_TOOL_FITS_REPLY
 from fcsft.errors import UserError, did_you_mean
-from fcsft.hub import check_model_source
 from fcsft.step_profile import parse_steps
 from fcsft.training_data import FORMATS, SourceConfig, source_configs
 
@@ -176,7 +175,6 @@ def check_recipe(script_args, training_args, model_args, recipe):
                         "reorders them: set it to false, or drop curriculum")
     if not model_args.model_name_or_path:
         raise UserError(f"the recipe {recipe} must set model_name_or_path")
-    check_model_source(model_args.model_name_or_path, f"model_name_or_path in {recipe}")
     check_evaluation_keys(script_args, training_args, recipe)
     problem = context_parallel_problem(training_args, model_args, recipe,
                                        int(os.environ.get("PARALLELISM_CONFIG_CP_SIZE", "1")))

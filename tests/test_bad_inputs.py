@@ -268,7 +268,7 @@ def test_rerun_falls_back_from_a_damaged_checkpoint_and_counts_every_attempt(sto
     assert record["seconds"]["train"] == pytest.approx(sum(record["attempt_seconds"]["train"]), abs=0.2)
     rows = list(__import__("csv").DictReader(open(stopped_sweep["root"] / "sweep" / "results.csv")))
     assert float(rows[0]["train_seconds"]) == pytest.approx(record["seconds"]["train"], abs=0.2)
-    assert "resumed: 2 attempts, time and cost over all of them" in rows[0]["status"]
+    assert rows[0]["status"] == "done (2 attempts: time and cost over all of them; resumed from a checkpoint)"
     assert "resume_from_checkpoint" not in rows[0]["settings"]
     summary = json.loads((point / "train" / "run_summary.json").read_text())
     assert summary["resumed_from"] and "train_loss_note" in summary

@@ -125,7 +125,8 @@ def test_results_table_and_plots_have_every_column(finished_sweep):
         empty = [c for c in study_report.COLUMNS if rows[name][c] == ""]
         assert not empty, f"{name}: empty columns {empty}"
         r = rows[name]
-        assert r["status"] == "done" and r["devices"] == "2" and r["device"].startswith("cpu")
+        # lr_low was killed as it started, and may say "(2 attempts: ...)"
+        assert r["status"].startswith("done") and r["devices"] == "2" and r["device"].startswith("cpu")
         assert r["settings"] == f"learning_rate={'0.003' if name == 'lr_high' else '0.001'}"  # only what differs
         assert 0 < float(r["mfu_percent"]) < 100 and 0.1 < float(r["peak_memory_gib_per_gpu"]) < 20
         assert float(r["eval_loss"]) > 0 and float(r["train_loss"]) > 0
