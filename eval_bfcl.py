@@ -26,7 +26,6 @@ from fcsft.bfcl_checker import BFCL_DECODERS
 from fcsft.bfcl_generation import PROMPT_FORMATS, run_generation, run_prompts
 from fcsft.bfcl_report import run_compare, run_score
 from fcsft.errors import exit_on_user_error
-from fcsft.hub import check_model_source
 from fcsft.model_card import write_bfcl_results
 
 
@@ -95,7 +94,6 @@ def main(argv=None):
                         "model_card.py writes the rest of the card")
     args = parser.parse_args(argv)
     args.decoder = args.decoder or ("qwen" if args.mode == "fc" else "python")
-    check_model_source(args.model, "--model")  # before the output folder is made
     data_dir = run_generation(args)  # this process's slice; the main process gets the data folder back
     if data_dir is not None and not args.no_score:
         summary = run_score(args.output_dir, args.output_dir, data_dir, args.decoder)

@@ -22,7 +22,7 @@ from fcsft.callbacks import (
     run_info,
     save_final_model,
 )
-from fcsft.distributed import check_gpu_launch, enable_fsdp_on_cpu, verify_fsdp_applied
+from fcsft.distributed import enable_fsdp_on_cpu, verify_fsdp_applied
 from fcsft.errors import exit_on_user_error
 from fcsft.hub import check_model_source
 from fcsft.recipe import model_init_kwargs, parse_recipe, settle_launch_settings
@@ -94,7 +94,6 @@ def main(script_args, training_args, model_args):
 
 
 if __name__ == "__main__":
+    enable_fsdp_on_cpu()  # before SFTConfig exists: it creates the accelerator state
     with exit_on_user_error("train_sft.py"):
-        check_gpu_launch()  # before the recipe: SFTConfig's bf16 check would fail first, once per rank
-        enable_fsdp_on_cpu()  # before SFTConfig exists: it creates the accelerator state
         main(*parse_recipe(sys.argv[1:]))

@@ -23,6 +23,7 @@ from fcsft.bfcl_data import (
 )
 from fcsft.bfcl_prompts import BFCL_PROMPT_BUILDERS, bfcl_chat, bfcl_family, bfcl_prompt
 from fcsft.errors import UserError
+from fcsft.hub import check_model_source
 from fcsft.metrics import device_name
 
 logger = logging.getLogger(__name__)
@@ -240,6 +241,7 @@ def run_generation(args):
     # A multi-process launch without GPUs needs cpu=True for accelerate to set up gloo (MULTI_CPU) process groups.
     state = PartialState(cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available())
     data_dir, categories, datasets = load_datasets(args.data_dir, args.categories, args.limit)
+    check_model_source(args.model, "--model")  # a mistyped path or an uncached hub id: one line, no folder made
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     prompt_format = model_prompt_format(args)

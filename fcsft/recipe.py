@@ -93,6 +93,9 @@ def parse_recipe(argv):
     problem = quantization_problem(model_only, recipe, **launch_environment())
     if problem:
         raise UserError(problem)
+    from fcsft.distributed import check_gpu_launch
+
+    check_gpu_launch()  # a GPU accelerate config without a GPU: one line, before SFTConfig's bf16 check on every rank
     script_args, training_args, model_args = build_arguments(parser, argv, recipe, config)
     if script_args.datasets and any(a.split("=")[0] == "--dataset_name" for a in argv):
         logger.warning("--dataset_name %s replaces the datasets mixture of %s", script_args.dataset_name, recipe)
