@@ -83,6 +83,7 @@ def parse_recipe(argv):
     recipe, config, argv = read_recipe(argv)
     refuse_token_arguments(recipe, config, argv)
     check_value_types(parser, recipe, config)
+    check_value_types(parser, "the command line", flag_values(argv))
     problems, unknown = unknown_keys(parser, recipe, config, argv)
     if problems:
         raise UserError("; ".join(problems) + did_you_mean(unknown, {a.dest for a in parser._actions}))
@@ -139,6 +140,19 @@ def refuse_token_arguments(recipe, config, argv):
     where = f"hub_token in {recipe}" if config.get("hub_token") else "--hub_token on the command line"
     raise UserError(f"{where}: a token given there would be written into run_summary.json and every checkpoint's "
                     "training_args.bin; remove it and `export HF_TOKEN=hf_...` instead (pushes read it from there)")
+
+
+def flag_values(argv):
+    """{key: value} of `--key value` and `--key=value` flags (a flag without a value is left out)."""
+    values = {}
+    for index, item in enumerate(argv):
+        if item.startswith("--"):
+            key, _, value = item[2:].partition("=")
+            if not value and index + 1 < len(argv) and not argv[index + 1].startswith("--"):
+                value = argv[index + 1]
+            if value:
+                values[key] = value
+    return values
 
 
 def check_value_types(parser, recipe, config):

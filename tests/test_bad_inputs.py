@@ -75,6 +75,8 @@ def train_cases(assets, root):
     cases += [
         ("hub_token_flag", [PYTHON, "train_sft.py", token_flag, "--hub_token", TOKEN], {},
          r"--hub_token on the command line", None),
+        ("learning_rate_flag_text", [PYTHON, "train_sft.py", token_flag, "--learning_rate", "fast"], {},
+         r"the command line: learning_rate: 'fast' is not a number", None),
         ("recipe_yaml_syntax", [PYTHON, "train_sft.py", root / "syntax.yaml"], {},
          r"syntax\.yaml is not valid YAML: .*line 2", None),
         # what every rank of `accelerate launch --config_file accelerate_configs/fsdp_full.yaml` sees without a GPU
@@ -140,7 +142,7 @@ def outcomes(assets, tmp_path_factory):
 
 
 QUICK = ["hub_token_in_recipe", "hub_token_flag", "epochs_negative", "batch_size_zero", "learning_rate_text",
-         "unknown_format", "fraction_text", "empty_file", "truncated_line", "not_utf8", "model_path_missing",
+         "learning_rate_flag_text", "unknown_format", "fraction_text", "empty_file", "truncated_line", "not_utf8", "model_path_missing",
          "hub_id_not_cached", "recipe_yaml_syntax", "gpu_config_without_gpu", "eval_model_missing",
          "eval_hub_id_not_cached", "model_card_without_run_summary", "sweep_eval_args_typo", "sweep_yaml_syntax",
          "sweep_point_locked"]
