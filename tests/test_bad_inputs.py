@@ -290,3 +290,21 @@ def test_no_token_in_a_card_written_from_an_old_run_summary(stopped_sweep, tmp_p
     run([PYTHON, "model_card.py", folder])
     card = (folder / "README.md").read_text()
     assert TOKEN not in card and "--hub_token ***" in card
+
+
+# --- the prompt-mode decoder's arithmetic guard -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("expression", ['("a" * 10000) * 10000', "(9 ** 9999) ** 999", "[0] * 10 ** 6",
+                                        "(1 << 99999) * (1 << 99999)", '"ab" * (10 ** 5)'])
+def test_arithmetic_guard_bounds_both_operands(expression):
+    """Model output like `f(a=("a"*10000)*10000)` is refused in microseconds instead of building 100 MB (or 7 s of
+    CPU for the power); small arithmetic still decodes (tests/test_bfcl_checker.py keeps the official verdicts)."""
+    from fcsft.bfcl_checker import DecodeError, decode_python_calls
+
+    started = time.perf_counter()
+    with pytest.raises(DecodeError, match="too large"):
+        decode_python_calls(f"[f(a={expression})]")
+    assert time.perf_counter() - started < 0.5
+    assert decode_python_calls('[f(a="ab" * 3, b=2 ** 10, c=[1] * 2, d=3 * 1.5)]') == \
+        [{"f": {"a": "ababab", "b": 1024, "c": [1, 1], "d": 4.5}}]
