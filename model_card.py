@@ -44,6 +44,9 @@ def main(argv=None):
         card_path.write_text(run_card(folder, json.loads(summary_path.read_text()), args.price_per_gpu_hour))
     elif not card_path.is_file():
         raise UserError(f"{folder} has neither run_summary.json (train_sft.py writes it) nor a README.md card")
+    elif "It has been trained using [TRL]" in card_path.read_text():  # TRL's generic card, which says nothing of the run
+        raise UserError(f"{folder} has no run_summary.json (train_sft.py writes it at the end of training: was the run "
+                        f"interrupted?), so the card cannot be written; {card_path} is TRL's generic card, left as is")
     if args.bfcl:
         bfcl_summary = Path(args.bfcl) / "summary.json"
         if not bfcl_summary.is_file():

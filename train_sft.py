@@ -17,6 +17,7 @@ from fcsft.bfcl_train_eval import attach_bfcl_evaluator, with_bfcl_eval
 from fcsft.callbacks import (
     EpochCheckpointCallback,
     last_complete_checkpoint,
+    length_report,
     make_adapter_checkpoint_callback,
     make_report_callback,
     run_info,
@@ -24,6 +25,7 @@ from fcsft.callbacks import (
 )
 from fcsft.distributed import enable_fsdp_on_cpu, verify_fsdp_applied
 from fcsft.errors import exit_on_user_error
+from fcsft.hub import check_model_source
 from fcsft.recipe import model_init_kwargs, parse_recipe, settle_launch_settings
 from fcsft.step_profile import make_profile_callback
 from fcsft.training_data import (
@@ -47,6 +49,9 @@ def main(script_args, training_args, model_args):
         export_data(script_args, training_args.seed, script_args.recipe, script_args.export_data)
         return
     settle_launch_settings(script_args, training_args)
+    # before any data loads or folder is made (parse_recipe leaves it out: it also reads recipes on machines without
+    # the model, e.g. to print a sweep's commands)
+    check_model_source(model_args.model_name_or_path, f"model_name_or_path in {script_args.recipe}")
 
     # Data: the recipe's sources, converted, checked, transformed and mixed (every dropped row counted)
     train_dataset, eval_dataset, data_report = build_datasets(script_args, training_args.seed, script_args.recipe)
@@ -59,6 +64,7 @@ def main(script_args, training_args, model_args):
                             eval_dataset=eval_dataset, peft_config=get_peft_config(model_args),
                             processing_class=weight_zero_tokenizer(model_args, training_args, data_report))
     verify_fsdp_applied(trainer.accelerator)
+    data_report["length"] = length_report(len(train_dataset), trainer, training_args.max_length)  # in run_summary.json
     if script_args.show_examples:
         if trainer.accelerator.is_main_process:
             show_examples(trainer, script_args.show_examples)
@@ -84,6 +90,7 @@ def main(script_args, training_args, model_args):
     if str(resume).lower() == "true":
         resume = last_complete_checkpoint(training_args.output_dir)
         logger.warning("resume: continuing from %s", resume)
+    facts["resumed_from"] = str(resume) if resume and str(resume).lower() not in ("false", "none") else None  # run_summary.json: the table says the run was resumed
     trainer.train(resume_from_checkpoint=resume)
 
     # The final model: one Hugging Face checkpoint gathered from the FSDP shards, and TRL's model card

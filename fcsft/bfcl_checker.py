@@ -98,12 +98,46 @@ _ARITHMETIC = {
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_, ast.Invert: operator.invert}
 
 
+MAX_RESULT_BITS = 100_000  # an integer of ~30,000 digits: far beyond any BFCL answer, computed in microseconds
+MAX_RESULT_ITEMS = 100_000  # characters of a repeated string, elements of a repeated list
+
+
+def _size(value):
+    """(bits of an int, items of a sequence): what an operation on it costs."""
+    if isinstance(value, bool):
+        return 1, 0
+    if isinstance(value, int):
+        return value.bit_length(), 0
+    if isinstance(value, (str, bytes, list, tuple)):
+        return 0, len(value)
+    return 64, 0  # a float (or complex): fixed size; its overflow raises OverflowError, a decode error
+
+
+def _result_too_large(op, left, right):
+    """Whether `left op right` would build a huge number or sequence, judged from both operands before computing it,
+    so that `("a"*10000)*10000` or `(9**9999)**999` cost nothing. The limits are far above anything an answer holds."""
+    (left_bits, left_items), (right_bits, right_items) = _size(left), _size(right)
+    if isinstance(op, ast.Mult):
+        if left_items or right_items or isinstance(left, (str, bytes, list, tuple)) or isinstance(right, (str, bytes, list, tuple)):
+            count = right if isinstance(left, (str, bytes, list, tuple)) else left
+            items = left_items or right_items
+            return isinstance(count, int) and items * max(count, 0) > MAX_RESULT_ITEMS
+        return left_bits + right_bits > MAX_RESULT_BITS
+    if isinstance(op, ast.Pow):
+        if isinstance(left, int) and isinstance(right, int) and right > 0:
+            return max(left_bits, 1) * right > MAX_RESULT_BITS
+        return isinstance(right, int) and abs(right) > MAX_RESULT_BITS  # a float base: few steps, but bound them
+    if isinstance(op, ast.LShift):
+        return isinstance(right, int) and left_bits + max(right, 0) > MAX_RESULT_BITS
+    return False
+
+
 def _evaluate_arithmetic(node):
     """`2 * 3.5`, `"a" + "b"` and the like, on literals only. The official decoder runs Python evaluation on any binary
     expression; we never eval model output, so names and calls inside one are a decode error."""
     if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
         left, right = _evaluate_arithmetic(node.left), _evaluate_arithmetic(node.right)
-        if isinstance(node.op, (ast.Pow, ast.LShift, ast.Mult)) and isinstance(right, (int, float)) and abs(right) > 10_000:
+        if _result_too_large(node.op, left, right):
             raise DecodeError("arithmetic result too large")
         return _ARITHMETIC[type(node.op)](left, right)
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:

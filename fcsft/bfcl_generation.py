@@ -32,6 +32,7 @@ from fcsft.bfcl_multi_turn import (
 from fcsft.bfcl_multi_turn import category_of as multi_turn_category_of
 from fcsft.bfcl_prompts import BFCL_PROMPT_BUILDERS, bfcl_chat, bfcl_family, bfcl_prompt
 from fcsft.errors import UserError
+from fcsft.hub import check_model_source
 from fcsft.metrics import device_name
 
 logger = logging.getLogger(__name__)
@@ -363,6 +364,10 @@ def weights_fingerprint(model):
     return digest.hexdigest()[:16] if Path(model).is_dir() else None
 
 
+def rank_result_paths(output_dir, category):
+    return sorted(Path(output_dir).glob(f"BFCL_v4_{category}_result.rank*.jsonl"))
+
+
 def generation_settings(args, prompt_format):
     """What decides the outputs; results generated under other settings (a prompt format included) are never
     resumed."""
@@ -401,7 +406,9 @@ def choose_multi_turn(args, categories, prompt_format, data_dir, is_main):
 def record_settings(args, state, stats_path, stats, settings, output_dir, categories, entries_by_category):
     """Refuse results of other settings; record the settings before generating (so a killed run is guarded too) and
     merge what an interrupted run left behind."""
-    existing = [result_path(output_dir, c) for c in categories if result_path(output_dir, c).exists()]
+    # A killed multi-process run leaves only per-rank files (merged at the next start): they count as results too
+    existing = [path for c in categories for path in [result_path(output_dir, c), *rank_result_paths(output_dir, c)]
+                if path.exists()]
     changed = changed_settings(stats.get("settings", {}), settings)
     if existing and changed and not args.overwrite:
         listed = ", ".join(f"{k}: {before} -> {now}" for k, (before, now) in changed.items())
@@ -430,6 +437,7 @@ def run_generation(args):
     # A multi-process launch without GPUs needs cpu=True for accelerate to set up gloo (MULTI_CPU) process groups.
     state = PartialState(cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available())
     data_dir, categories, datasets = load_datasets(args.data_dir, args.categories, args.limit, multi_turn=True)
+    check_model_source(args.model, "--model")  # a mistyped path or an uncached hub id: one line, no folder made
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     prompt_format = model_prompt_format(args)

@@ -251,6 +251,20 @@ def write_summary(output_dir, summary, quiet=False):
         print(markdown)
 
 
+def duplicated_ids(path):
+    """{"count": lines whose id an earlier line already had, "first": the first such id}, or None."""
+    seen, count, first = set(), 0, None
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            id_ = json.loads(line).get("id")
+        except (json.JSONDecodeError, AttributeError):
+            continue  # read_results has already judged malformed lines
+        if id_ in seen:
+            count, first = count + 1, first or id_
+        seen.add(id_)
+    return {"count": count, "first": first} if count else None
+
+
 def run_score(result_dir, output_dir=None, data_dir=None, decoder=None, prompt_format=None):
     result_dir = Path(result_dir)
     output_dir = Path(output_dir or result_dir)
@@ -265,7 +279,7 @@ def run_score(result_dir, output_dir=None, data_dir=None, decoder=None, prompt_f
     files = find_result_files(result_dir)
     if not files:
         raise UserError(f"no BFCL_v4_*_result.json files under {result_dir}")
-    scores = {}
+    scores, duplicates = {}, {}
     for category in sorted(files, key=category_order):
         if category.startswith(OUT_OF_SCOPE):
             logger.warning(f"skipping {files[category]}: {SCOPE_NOTE}")
@@ -278,7 +292,12 @@ def run_score(result_dir, output_dir=None, data_dir=None, decoder=None, prompt_f
             entries, answers = load_category(data_dir, category)
             rows, scores[category] = score_category(category, read_results(files[category]), entries, answers, decoder)
         write_jsonl_atomic(output_dir / f"BFCL_v4_{category}_score.json", rows)
+        duplicates[category] = duplicated_ids(files[category])
     summary = build_summary(scores, decoder, data_dir, generation, prompt_format_of(generation, prompt_format))
+    summary["duplicate_ids"] = {category: found for category, found in duplicates.items() if found}
+    for category, found in summary["duplicate_ids"].items():  # the first line of an id is the one scored
+        print(f"warning: {files[category]} holds {found['count']} duplicated id(s) (first: {found['first']}); "
+              "only the first line of each was scored")
     write_summary(output_dir, summary)
     return summary
 

@@ -34,6 +34,7 @@ from fcsft.hub import (
     make_hub_client,
     push_folder,
     scrub_token,
+    scrub_value,
 )
 from fcsft.metrics import attention_span, device_name, peak_memory_now
 from fcsft.model_card import front_matter
@@ -126,10 +127,32 @@ def make_report_callback(accelerator, output_dir, run_info=None):
                     "global_step": state.global_step,
                     "log_history": state.log_history,
                 }
+                if summary.get("resumed_from"):  # the trainer's average counts only this process's steps
+                    summary["train_loss_note"] = (f"resumed from {summary['resumed_from']}: the trainer's train_loss in "
+                                                  "log_history averages only the steps run after resuming; the "
+                                                  "per-step losses in log_history cover the whole run")
                 Path(output_dir).mkdir(parents=True, exist_ok=True)
                 (Path(output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=1))
 
     return RunReportCallback()
+
+
+def length_report(rows_given, trainer, max_length):
+    """What the trainer's own truncation did to the rows it was given: TRL cuts every tokenized row to max_length and
+    then drops the rows left without a trained token (with assistant-only loss: the reply was cut off), silently.
+    {"max_length", "rows_given", "rows_kept", "dropped_for_length", "truncated"} (truncated: rows now exactly
+    max_length tokens long, i.e. cut, or exactly that long to begin with), also logged."""
+    dataset = trainer.train_dataset
+    if max_length is None or dataset is None or "input_ids" not in dataset.column_names:
+        return None
+    report = {"max_length": max_length, "rows_given": rows_given, "rows_kept": len(dataset),
+              "dropped_for_length": rows_given - len(dataset),
+              "truncated": sum(len(ids) >= max_length for ids in dataset["input_ids"])}
+    if report["dropped_for_length"] or report["truncated"]:
+        logger.warning("data: max_length %d: %d of %d train rows dropped (no trained token left after truncation), "
+                       "%d truncated; raise max_length to keep them", max_length, report["dropped_for_length"],
+                       rows_given, report["truncated"])
+    return report
 
 
 def run_info(script_args, training_args, model_args, trainer, data_report):
@@ -145,7 +168,7 @@ def run_info(script_args, training_args, model_args, trainer, data_report):
     }
     if info["recipe"]:
         info["recipe_text"] = Path(info["recipe"]).read_text()
-    return info
+    return scrub_value(info)  # no token is written, whichever way it was given (a refused hub_token included)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,7 +221,62 @@ def last_complete_checkpoint(output_dir):
         logger.warning("resume: ignoring incomplete checkpoint %s", broken)
     if not complete:
         raise UserError(f"--resume_from_checkpoint true but no complete checkpoint in {output_dir}")
-    return str(complete[-1])
+    for newest in reversed(complete):  # a damaged file (a full disk, a copy cut short) falls back to the one before
+        problem = damaged_checkpoint_file(newest)
+        if problem is None:
+            return str(newest)
+        logger.warning("resume: %s is damaged (%s): falling back to the previous complete checkpoint", newest, problem)
+    raise UserError(f"--resume_from_checkpoint true but every checkpoint in {output_dir} is damaged; the last: {problem}")
+
+
+def damaged_checkpoint_file(folder):
+    """The first file of a checkpoint that is cut short or corrupt, with why, or None. Reads only headers and zip
+    directories (CRCs of the small torch files), so it costs little even for a large model."""
+    import zipfile
+
+    for path in sorted(Path(folder).rglob("*")):
+        if path.suffix in (".pth", ".pt", ".bin") and path.is_file():
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip() if path.stat().st_size < (64 << 20) else None  # CRCs of small files only
+            except (zipfile.BadZipFile, OSError) as err:
+                return f"{path.name}: {err}"
+            if bad:
+                return f"{path.name}: corrupt member {bad}"
+        elif path.suffix == ".safetensors" and (problem := safetensors_problem(path)):
+            return problem
+        elif path.name == ".metadata" and (problem := distcp_problem(path.parent)):
+            return problem
+    return None
+
+
+def safetensors_problem(path):
+    """The file shorter than its header says (a save cut short), or an unreadable header."""
+    try:
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_size))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{path.name}: unreadable header ({err})"
+    if path.stat().st_size < 8 + header_size + end:
+        return f"{path.name}: {path.stat().st_size} bytes, its header needs {8 + header_size + end}"
+    return None
+
+
+def distcp_problem(folder):
+    """A torch.distributed.checkpoint folder (FSDP's per-rank shards) with a shard shorter than its metadata says."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(folder)).read_metadata().storage_data
+    except Exception as err:  # noqa: BLE001 - any failure to read the metadata means the folder cannot be loaded
+        return f"{folder.name}/.metadata: unreadable ({type(err).__name__})"
+    for info in storage.values():
+        shard = folder / info.relative_path
+        if not shard.is_file() or shard.stat().st_size < info.offset + info.length:
+            return f"{folder.name}/{info.relative_path}: missing or cut short"
+    return None
 
 
 def save_final_model(trainer, output_dir, check_adapter):

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 
 import accelerate
 import torch
@@ -30,6 +31,22 @@ logger = logging.getLogger(__name__)
 
 def wants_fsdp_on_cpu():
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available()
+
+
+def check_gpu_launch():
+    """One line, before anything else, when a GPU accelerate config (mixed precision bf16/fp16) is launched on a
+    machine without a CUDA device: otherwise every rank prints TRL's bf16 message and torchrun its own report.
+    Only local rank 0 says it; the other ranks exit quietly."""
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if precision in ("no", "") or torch.cuda.is_available():
+        return
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        time.sleep(5)  # torchrun stops every rank when one exits: let local rank 0 say why first
+        raise SystemExit(1)
+    config = "accelerate_configs/cpu_fsdp_full.yaml" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" \
+        else "no accelerate config (plain python train_sft.py ...)"
+    raise UserError(f"the accelerate config asks for mixed_precision {precision} on GPUs, but no CUDA GPU was found on "
+                    f"this machine: on CPU use {config}")
 
 
 def enable_fsdp_on_cpu():

@@ -5,7 +5,10 @@ local folder (kept) and the command that uploads it later.
 
 import logging
 import os
+import re
 from pathlib import Path
+
+from fcsft.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +29,49 @@ def looks_local(name):
     return name is None or Path(name).exists() or Path(name).suffix in (".json", ".jsonl", ".parquet")
 
 
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "HF_API_TOKEN", "WANDB_API_KEY")
+# What Hugging Face user and organisation tokens look like (hf_ + 30-40 letters and digits; api_org_... for old ones)
+TOKEN_PATTERN = re.compile(r"\b(?:hf_[A-Za-z0-9]{16,}|api_org_[A-Za-z0-9]{16,})\b")
+extra_secrets = set()  # tokens given by another route (a refused hub_token): scrubbed from everything written too
+
+
+def check_model_source(name, key):
+    """Before any folder is made or anything loads: a model given as a path must be a folder, and a hub id must be
+    reachable or cached. Otherwise transformers says "Repo id must be in the form..." about a mistyped path, or
+    prints 47 lines about the network for an id that was never downloaded."""
+    if not name or Path(name).is_dir():
+        return
+    if Path(name).exists():
+        raise UserError(f"{key}: {name} is a file, not a model folder (config.json + weights) or a hub id")
+    hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) and not name.startswith((".", "-")) and ".." not in name
+    if not hub_id:
+        raise UserError(f"{key}: {name}: no such folder (and not a hub id of the form owner/name)")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise UserError(f"{key}: {name} is neither a local folder nor in the Hugging Face cache, and the hub is offline "
+                        f"(HF_HUB_OFFLINE=1): download it first with `hf download {name}` (on a machine with network, "
+                        "then copy the cache), or give a local folder")
+
+
 def scrub_token(text):
-    token = os.environ.get("HF_TOKEN")
-    return str(text).replace(token, "***") if token else str(text)
+    """The text with every token replaced by ***: the values of the token variables, any token seen by another
+    route, and anything that looks like a Hugging Face token (hf_...), whichever way it was given."""
+    text = str(text)
+    secrets = {os.environ.get(name) for name in TOKEN_VARIABLES} | extra_secrets
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        if len(secret) >= 8:  # a short value (e.g. "1") is not a secret and would garble the text
+            text = text.replace(secret, "***")
+    return TOKEN_PATTERN.sub("***", text)
+
+
+def scrub_value(value):
+    """scrub_token over a JSON-like value (dicts, lists, strings), for run summaries and settings."""
+    if isinstance(value, dict):
+        return {key: scrub_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub_value(item) for item in value]
+    return scrub_token(value) if isinstance(value, str) else value
 
 
 def hub_access_problem(get_client, repo_id, private, what, create_repo=True):

@@ -84,6 +84,9 @@ def parse_recipe(argv):
 
     parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig), allow_abbrev=False)
     recipe, config, argv = read_recipe(argv)
+    refuse_token_arguments(recipe, config, argv)
+    check_value_types(parser, recipe, config)
+    check_value_types(parser, "the command line", flag_values(argv))
     problems, unknown = unknown_keys(parser, recipe, config, argv)
     if problems:
         raise UserError("; ".join(problems) + did_you_mean(unknown, {a.dest for a in parser._actions}))
@@ -94,6 +97,9 @@ def parse_recipe(argv):
     problem = quantization_problem(model_only, recipe, **launch_environment())
     if problem:
         raise UserError(problem)
+    from fcsft.distributed import check_gpu_launch
+
+    check_gpu_launch()  # a GPU accelerate config without a GPU: one line, before SFTConfig's bf16 check on every rank
     script_args, training_args, model_args = build_arguments(parser, argv, recipe, config)
     if script_args.datasets and any(a.split("=")[0] == "--dataset_name" for a in argv):
         logger.warning("--dataset_name %s replaces the datasets mixture of %s", script_args.dataset_name, recipe)
@@ -112,10 +118,59 @@ def read_recipe(argv):
     recipe, argv = argv[0], argv[1:]
     if not Path(recipe).is_file():
         raise UserError(f"recipe file not found: {recipe}")
-    config = yaml.safe_load(Path(recipe).read_text()) or {}
+    try:
+        config = yaml.safe_load(Path(recipe).read_text()) or {}
+    except yaml.YAMLError as err:  # its message gives line and column
+        raise UserError(f"{recipe} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(config, dict):
         raise UserError(f"{recipe} must be a YAML mapping of keys to values")
     return recipe, config, argv
+
+
+def refuse_token_arguments(recipe, config, argv):
+    """A token given as hub_token is refused, not scrubbed: on a command line it is in `ps`, the shell history and a
+    sweep's logs, and transformers saves it into every checkpoint's training_args.bin, where no scrubbing reaches.
+    HF_TOKEN is the one route (the trainer's push and fcsft/hub.py both read it)."""
+    from fcsft.hub import extra_secrets
+
+    flags = [item for item in argv if item.split("=")[0] == "--hub_token"]
+    if not config.get("hub_token") and not flags:
+        return
+    given = config.get("hub_token") or (flags[0].split("=", 1)[1] if "=" in flags[0] else
+                                        argv[argv.index(flags[0]) + 1] if argv.index(flags[0]) + 1 < len(argv) else None)
+    if given:
+        extra_secrets.add(str(given))
+    where = f"hub_token in {recipe}" if config.get("hub_token") else "--hub_token on the command line"
+    raise UserError(f"{where}: a token given there would be written into run_summary.json and every checkpoint's "
+                    "training_args.bin; remove it and `export HF_TOKEN=hf_...` instead (pushes read it from there)")
+
+
+def flag_values(argv):
+    """{key: value} of `--key value` and `--key=value` flags (a flag without a value is left out)."""
+    values = {}
+    for index, item in enumerate(argv):
+        if item.startswith("--"):
+            key, _, value = item[2:].partition("=")
+            if not value and index + 1 < len(argv) and not argv[index + 1].startswith("--"):
+                value = argv[index + 1]
+            if value:
+                values[key] = value
+    return values
+
+
+def check_value_types(parser, recipe, config):
+    """A recipe value the parser cannot convert (learning_rate: "fast") named with its key and file, instead of the
+    parser's whole usage text."""
+    actions = {a.dest: a for a in parser._actions}
+    for key, value in config.items():
+        action = actions.get(key)
+        convert = getattr(action, "type", None)
+        if convert not in (int, float) or value is None or isinstance(value, bool):
+            continue
+        try:
+            convert(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{recipe}: {key}: {value!r} is not a number ({convert.__name__})") from None
 
 
 def build_arguments(parser, argv, recipe, config):
@@ -133,6 +188,7 @@ def build_arguments(parser, argv, recipe, config):
 def check_recipe(script_args, training_args, model_args, recipe):
     """What the parser cannot see: the data sources, key combinations, evaluation, context parallelism, profiling."""
     source_configs(script_args, recipe)  # dataset keys are checked before any data or model is loaded
+    check_trainable_values(training_args, recipe)
     reorders = [key for key in ("packing", "shuffle_dataset") if getattr(training_args, key)]
     if script_args.curriculum and reorders:  # TRL shuffles, or packs by length, after our ordering
         raise UserError(f"{recipe}: curriculum orders the rows simple to complex, but {' and '.join(reorders)} "
@@ -149,6 +205,25 @@ def check_recipe(script_args, training_args, model_args, recipe):
             parse_steps(script_args.profile_steps)
         except UserError as err:
             raise UserError(f"{recipe}: {err}") from None
+
+
+def check_trainable_values(training_args, recipe):
+    """Values with which nothing trains (or the trainer fails after the model loads), refused before loading: a run
+    with num_train_epochs: -1 would otherwise train 0 steps and save the untrained model as its result."""
+    args, problems = training_args, []
+    if args.max_steps is not None and args.max_steps <= 0 and args.num_train_epochs <= 0:
+        problems.append(f"num_train_epochs is {args.num_train_epochs:g}: set it above 0 (or max_steps above 0)")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, key) < 1:
+            problems.append(f"{key} is {getattr(args, key)}: it must be at least 1")
+    if args.learning_rate < 0:
+        problems.append(f"learning_rate is {args.learning_rate:g}: it must not be negative")
+    if args.max_length is not None and args.max_length < 1:
+        problems.append(f"max_length is {args.max_length}: it must be at least 1 (or null for no limit)")
+    if args.eval_strategy != "no" and args.per_device_eval_batch_size < 1:
+        problems.append(f"per_device_eval_batch_size is {args.per_device_eval_batch_size}: it must be at least 1")
+    if problems:
+        raise UserError(f"{recipe}: " + "; ".join(problems))
 
 
 def check_evaluation_keys(script_args, training_args, recipe):

@@ -28,7 +28,8 @@ COLUMNS = ["run", "status", "settings", "devices", "train_seconds", "train_time_
            "exposed_comm_percent", "idle_percent", "device", "peak_tflops", "run_dir"]
 
 
-SETTINGS_NOT_COMPARED = {"output_dir", "logging_dir", "run_name"}  # differ by construction
+# differ by construction (a resumed point is the same run; the table says it was resumed)
+SETTINGS_NOT_COMPARED = {"output_dir", "logging_dir", "run_name", "resume_from_checkpoint"}
 
 
 def value_label(value):
@@ -124,6 +125,16 @@ def differing(runs):
     return out
 
 
+def attempts_note(point, train):
+    """" (2 attempts: time and cost over all of them; resumed from a checkpoint)" for a point trained more than once."""
+    attempts = len((point.get("attempt_seconds") or {}).get("train") or [])
+    notes = [f"{attempts} attempts: time and cost over all of them"
+             + (", a killed one timed by its log" if "train" in point.get("estimated_attempts", []) else "")] \
+        if attempts > 1 else []
+    notes += ["resumed from a checkpoint"] if train and train.get("resumed_from") else []
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def cost_columns(gpu_hours, points_over_baseline, price_per_gpu_hour):
     """Cost of the training and the cost of each BFCL point it gained (None when it gained nothing)."""
     cost = gpu_hours * price_per_gpu_hour
@@ -142,6 +153,7 @@ def report_rows(run_dirs, price_per_gpu_hour, peak_tflops=None, baseline=None, m
         status = point.get("status") or "done"
         if status == "failed":
             status = f"failed: {point.get('error')}"
+        status += attempts_note(point, train)
         row = {"run": point.get("name") or run["dir"].name, "status": status, "settings": setting, "run_dir": str(run["dir"]),
                "baseline": not train and (bool(point.get("baseline_model")) or bool(run["bfcl"]))}
         if train:

@@ -3,6 +3,7 @@
 its own folder with point.json as its record, resumable and never mixed with another sweep's runs.
 """
 
+import contextlib
 import datetime
 import hashlib
 import itertools
@@ -12,6 +13,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -157,7 +159,7 @@ def load_sweep(path, output_dir=None):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"sweep file not found: {path}")
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = read_yaml(path)
     where = str(path)
     if not isinstance(spec, dict):
         fail(where, "a sweep file is a mapping (recipe:, accelerate_config:, grid: ...)")
@@ -171,7 +173,7 @@ def load_sweep(path, output_dir=None):
     recipe = spec["recipe"]
     if not Path(recipe).is_file():
         fail(where, f"recipe file not found: {recipe}")
-    recipe_values = yaml.safe_load(Path(recipe).read_text()) or {}
+    recipe_values = read_yaml(Path(recipe))
     bfcl = spec.get("bfcl") or {}
     unknown = [k for k in bfcl if k not in BFCL_KEYS]
     if unknown:
@@ -212,11 +214,41 @@ def load_sweep(path, output_dir=None):
     categories = categories if isinstance(categories, list) else [categories]
     eval_args = [str(a) for a in bfcl.get("args") or []]
     check_categories(categories, eval_args, where)
+    check_eval_args(eval_args, where)
     launcher = shlex.split(bfcl["launcher"]) if bfcl.get("launcher") else ["python"]
     out = Path(output_dir or spec.get("output_dir") or Path("runs") / "sweeps" / path.stem)
     return Sweep(path=path, recipe=recipe, recipe_values=recipe_values, output_dir=out, points=points,
                  categories=categories, eval_args=eval_args, eval_launcher=launcher, score_trained=score_trained,
                  baseline_dir=baseline if isinstance(baseline, str) else None)
+
+
+def read_yaml(path):
+    """A YAML file's contents; a syntax error names the file, line and column."""
+    try:
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+
+
+SWEEP_SETS = ("--model", "--categories", "--output-dir")  # eval_bfcl.py flags the sweep gives itself
+
+
+def check_eval_args(eval_args, where):
+    """bfcl.args checked against eval_bfcl.py's own flags (its --help) before any training, so that a typo does not
+    fail the first evaluation hours later (and a fixed file is not then a different sweep)."""
+    given = [arg.split("=")[0] for arg in eval_args if arg.startswith("--")]
+    if not given:
+        return
+    help_text = subprocess.run([sys.executable, script("eval_bfcl.py"), "--help"], capture_output=True, text=True,
+                               cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
+    known = sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", help_text)))
+    if not known:
+        return  # eval_bfcl.py could not even print its help: its own run will say why
+    problems = [f"{flag} is set by the sweep itself" for flag in given if flag in SWEEP_SETS]
+    problems += [f"eval_bfcl.py has no flag {flag}" + did_you_mean([flag], known) for flag in given
+                 if flag not in known and sum(k.startswith(flag) for k in known) != 1]  # argparse takes unique prefixes
+    if problems:
+        fail(where, "bfcl.args: " + "; ".join(problems))
 
 
 def check_categories(categories, eval_args, where):
@@ -378,6 +410,8 @@ def run_logged(command, log_path, prefix, progress_seconds):
         log.flush()
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={"TOKENIZERS_PARALLELISM": "false", **os.environ})
+    if HELD_LOCK:  # a rerun must see this command alive even if the sweep itself is killed with SIGKILL
+        write_json(HELD_LOCK["path"], {**HELD_LOCK["record"], "child_pid": proc.pid})
     shown, last_print = "", time.monotonic()
     try:
         while proc.poll() is None:
@@ -405,7 +439,95 @@ def stop_group(proc, grace=30):
             continue
 
 
+class SweepStopped(UserError):
+    """SIGTERM, SIGHUP or Ctrl-C: the running command has been stopped; the sweep exits with one line."""
+
+
+def stop_on_signals():
+    """SIGTERM and SIGHUP (a batch system's stop, a closed terminal) become an exception as Ctrl-C does, so that
+    run_logged stops the command's whole process group before the sweep exits: otherwise the sweep dies alone and its
+    training runs on, and a rerun would train a second process into the same folder."""
+    def stop(signum, frame):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # one stop at a time: stop_group is already waiting for the command
+        raise SweepStopped(f"stopped by {signal.Signals(signum).name}; the running command was stopped too. Run the "
+                           "same command again to continue (finished points are kept, a training resumes from its last "
+                           "complete checkpoint)")
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+
+HELD_LOCK = {}  # the point lock this process holds: run_logged adds the running command's pid to it
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def point_lock(run_dir):
+    """OUTPUT/<point>/point.lock while a sweep runs the point: its host, its pid and its command's pid. Another sweep
+    (a rerun, another node's `--point`) is refused while either process lives; a lock whose processes are gone (a
+    crashed or killed sweep) is taken over, so it never goes stale. A lock from another host cannot be checked: the
+    message says how to remove it."""
+    path = run_dir / "point.lock"
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "child_pid": None, "since": now()}
+    holder = read_json(path) if path.is_file() else None
+    if holder:
+        pids = [p for p in (holder.get("pid"), holder.get("child_pid")) if p]
+        if holder.get("host") != me["host"]:
+            raise UserError(f"{path}: the point is being run by pid {holder.get('pid')} on {holder.get('host')} since "
+                            f"{holder.get('since')}; if that run is gone, delete {path}")
+        if any(process_alive(pid) for pid in pids):
+            raise UserError(f"{path}: the point is being run by another process (sweep pid {holder.get('pid')}, command "
+                            f"pid {holder.get('child_pid')}, since {holder.get('since')}): two trainings must never "
+                            "share a folder; wait for it, or stop it first")
+        print(f"{run_dir.name}: taking over the lock of a sweep that is gone (pid {holder.get('pid')})", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(path, me)
+    HELD_LOCK.update(path=path, record=me)
+    try:
+        yield
+    finally:
+        HELD_LOCK.clear()
+        path.unlink(missing_ok=True)
+
+
 def run_point(sweep, point, k, n, progress_seconds):
+    """Run one point's stages into its folder, holding its lock; returns its record (status done or failed)."""
+    record = read_json(sweep.output_dir / point.name / "point.json")
+    if record and record.get("status") == "done":  # skipped without a lock: nothing runs
+        return run_point_stages(sweep, point, k, n, progress_seconds)
+    with point_lock(sweep.output_dir / point.name):
+        return run_point_stages(sweep, point, k, n, progress_seconds)
+
+
+def add_attempt(record, stage, seconds, estimated=False):
+    """One attempt's wall time of a stage: `seconds[stage]` is the sum over attempts, `attempt_seconds` each one."""
+    record.pop("running", None)
+    earlier = [record["seconds"][stage]] if stage in record.get("seconds", {}) else []  # a record from before attempts
+    record.setdefault("attempt_seconds", {}).setdefault(stage, earlier).append(round(seconds, 1))
+    record.setdefault("seconds", {})[stage] = round(sum(record["attempt_seconds"][stage]), 1)
+    if estimated:
+        record.setdefault("estimated_attempts", []).append(stage)
+
+
+def add_killed_attempt(record, log_path):
+    """An attempt whose sweep was killed outright (SIGKILL, a node lost) recorded no time: its stage ran from its start
+    until its log was last written."""
+    running = record.get("running")
+    if running and Path(log_path).name == f"{running['stage']}.log" and Path(log_path).is_file():
+        add_attempt(record, running["stage"], max(0.0, Path(log_path).stat().st_mtime - running["started_unix"]), True)
+
+
+def run_point_stages(sweep, point, k, n, progress_seconds):
     """Run one point's stages into its folder; returns its record (status done or failed)."""
     run_dir = sweep.output_dir / point.name
     record_path = run_dir / "point.json"
@@ -418,7 +540,8 @@ def run_point(sweep, point, k, n, progress_seconds):
         print(f"{tag}: {record.get('status')} before ({record.get('error') or 'interrupted'}); running it again", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {**asdict(point), "status": "running", "attempts": record.get("attempts", 0) + 1, "started": now(),
-              "stages": record.get("stages", {}), "seconds": record.get("seconds", {}), "commands": {}}
+              "stages": record.get("stages", {}), "seconds": record.get("seconds", {}), "commands": {},
+              **{key: record[key] for key in ("attempt_seconds", "running", "estimated_attempts") if key in record}}
     for stage, command in stages(sweep, point, run_dir):
         if record["stages"].get(stage) == "done":
             print(f"{tag}: {stage} finished in an earlier attempt", flush=True)
@@ -432,9 +555,15 @@ def run_point(sweep, point, k, n, progress_seconds):
         write_json(record_path, record)
         log_path = run_dir / f"{stage}.log"
         print(f"{tag}: {stage} (log: {log_path})", flush=True)
+        add_killed_attempt(record, log_path)
         started = time.monotonic()
-        rc = run_logged(command, log_path, f"{tag} {stage}:", progress_seconds)
-        record.setdefault("seconds", {})[stage] = round(time.monotonic() - started, 1)
+        record["running"] = {"stage": stage, "started_unix": time.time()}
+        write_json(record_path, record)
+        try:
+            rc = run_logged(command, log_path, f"{tag} {stage}:", progress_seconds)
+        finally:  # stopped or not, the attempt's time counts: the table's time and cost cover every attempt
+            add_attempt(record, stage, time.monotonic() - started)
+            write_json(record_path, record)
         if rc != 0:
             record.update(status="failed", finished=now(), error=f"{stage} exited {rc}: {error_summary(log_path)}")
             write_json(record_path, record)
@@ -480,6 +609,7 @@ def run_sweep(sweep, args):
                 print(f"  {stage}: {shlex.join(command)}")
         return 0
     claim_folder(sweep)
+    stop_on_signals()
     print(f"sweep: {len(chosen)} point(s) of {sweep.path} into {sweep.output_dir}", flush=True)
     failed = []
     for k, point in enumerate(chosen, 1):

@@ -69,6 +69,9 @@ def source_configs(args, recipe=None):
             raise UserError(f"datasets[{index}] in {recipe} must be a mapping with `path` and only the keys "
                      f"{sorted(known)}" + (f"; unknown: {unknown}" if unknown else ""))
         sources.append(SourceConfig(**item))
+    for index, source in enumerate(sources):
+        if source.fraction is not None and (isinstance(source.fraction, bool) or not isinstance(source.fraction, int | float)):
+            raise UserError(f"datasets[{index}] ({source.path}) in {recipe}: fraction {source.fraction!r} is not a number")
     fractions = [s.fraction for s in sources]
     if any(f is not None for f in fractions) and (None in fractions or any(f < 0 for f in fractions) or not sum(fractions)):
         raise UserError(f"in {recipe}, set a non-negative `fraction` on every dataset of the mixture or on none")
@@ -105,6 +108,34 @@ def why_not_loaded(err, source):
     return text.splitlines()[0][:300]
 
 
+def check_data_file(path, key):
+    """A local JSON/JSONL file read before `datasets` parses it, so that an empty file, a truncated line or bytes that
+    are not UTF-8 get one line naming the file and line (datasets raises a bare StopIteration or 70 traceback lines)."""
+    if path.suffix not in (".json", ".jsonl"):
+        return
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise UserError(f"{key} file {path}:{line}: not UTF-8 text (byte {data[err.start]:#x} at offset {err.start}); "
+                        "re-encode the file as UTF-8") from None
+    if not text.strip():
+        raise UserError(f"{key} file {path} is empty")
+    if path.suffix == ".json" and text.lstrip().startswith("["):  # one JSON array
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{key} file {path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        return
+    for number, line in enumerate(text.splitlines(), 1):  # JSON lines
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{key} file {path}:{number}: not a valid JSON line ({err.msg}; truncated?)") from None
+
+
 def load_source(source, key="dataset_name"):
     """The raw rows of one source; `key` is where the recipe names it, for the error message."""
     from datasets import load_dataset
@@ -114,6 +145,7 @@ def load_source(source, key="dataset_name"):
     if path.suffix in builders:
         if not path.is_file():
             raise UserError(f"{key} file not found: {path}")
+        check_data_file(path, key)
         raw = load_dataset(builders[path.suffix], data_files=str(path), split="train")
     else:
         try:

@@ -129,7 +129,8 @@ def test_results_table_and_plots_have_every_column(finished_sweep):
         # (10 non-live + 10 live + 10 irrelevance) / 100 = 0.3 x their mean, the single-turn overall
         assert float(rows[name]["bfcl_overall_leaderboard"]) == pytest.approx(0.3 * float(rows[name]["bfcl_overall"]))
         r = rows[name]
-        assert r["status"] == "done" and r["devices"] == "2" and r["device"].startswith("cpu")
+        # lr_low was killed as it started, and may say "(2 attempts: ...)"
+        assert r["status"].startswith("done") and r["devices"] == "2" and r["device"].startswith("cpu")
         assert r["settings"] == f"learning_rate={'0.003' if name == 'lr_high' else '0.001'}"  # only what differs
         assert 0 < float(r["mfu_percent"]) < 100 and 0.1 < float(r["peak_memory_gib_per_gpu"]) < 20
         assert float(r["eval_loss"]) > 0 and float(r["train_loss"]) > 0
