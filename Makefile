@@ -41,7 +41,7 @@ sweep-demo: assets
 	$(PY) sweep.py sweeps/demo_cpu.yaml
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 # Tests marked `gpu`: real runs on the GPUs present (skipped without CUDA). On a GPU node whose Python already has the
 # stack (e.g. installed from wheelhouse/), skip the venv: `make test-gpu PY=python3`.

@@ -64,7 +64,7 @@ def main(script_args, training_args, model_args):
                             eval_dataset=eval_dataset, peft_config=get_peft_config(model_args),
                             processing_class=weight_zero_tokenizer(model_args, training_args, data_report))
     verify_fsdp_applied(trainer.accelerator)
-    data_report["length"] = length_report(len(train_dataset), trainer, training_args.max_length)  # in run_summary.json
+    data_report["length"] = length_report(train_dataset, trainer, training_args.max_length)  # in run_summary.json
     if script_args.show_examples:
         if trainer.accelerator.is_main_process:
             show_examples(trainer, script_args.show_examples)

@@ -137,21 +137,27 @@ def make_report_callback(accelerator, output_dir, run_info=None):
     return RunReportCallback()
 
 
-def length_report(rows_given, trainer, max_length):
-    """What the trainer's own truncation did to the rows it was given: TRL cuts every tokenized row to max_length and
-    then drops the rows left without a trained token (with assistant-only loss: the reply was cut off), silently.
-    {"max_length", "rows_given", "rows_kept", "dropped_for_length", "truncated"} (truncated: rows now exactly
-    max_length tokens long, i.e. cut, or exactly that long to begin with), also logged."""
+def length_report(given, trainer, max_length):
+    """What the trainer's own truncation did to the rows it was given (`given`: the dataset handed to it): TRL cuts
+    every tokenized row to max_length and then drops the rows left without a trained token (with assistant-only loss:
+    the reply was cut off), silently. {"max_length", "rows_given", "rows_kept", "dropped_for_length", "truncated",
+    "per_source": {source: {"dropped_for_length", "truncated"}}} (truncated: rows now exactly max_length tokens long,
+    i.e. cut, or exactly that long to begin with), also logged per source."""
     dataset = trainer.train_dataset
     if max_length is None or dataset is None or "input_ids" not in dataset.column_names:
         return None
-    report = {"max_length": max_length, "rows_given": rows_given, "rows_kept": len(dataset),
-              "dropped_for_length": rows_given - len(dataset),
-              "truncated": sum(len(ids) >= max_length for ids in dataset["input_ids"])}
-    if report["dropped_for_length"] or report["truncated"]:
-        logger.warning("data: max_length %d: %d of %d train rows dropped (no trained token left after truncation), "
-                       "%d truncated; raise max_length to keep them", max_length, report["dropped_for_length"],
-                       rows_given, report["truncated"])
+    sources_given = Counter(given["source"]) if "source" in given.column_names else Counter({"": len(given)})
+    kept = dataset["source"] if "source" in dataset.column_names else [""] * len(dataset)
+    truncated = Counter(source for source, ids in zip(kept, dataset["input_ids"]) if len(ids) >= max_length)
+    dropped = sources_given - Counter(kept)
+    report = {"max_length": max_length, "rows_given": len(given), "rows_kept": len(dataset),
+              "dropped_for_length": sum(dropped.values()), "truncated": sum(truncated.values()),
+              "per_source": {source: {"dropped_for_length": dropped[source], "truncated": truncated[source]}
+                             for source in sources_given if dropped[source] or truncated[source]}}
+    for source, counts in report["per_source"].items():
+        logger.warning("data: %s: max_length %d: %d of %d train rows dropped (no trained token left after truncation), "
+                       "%d truncated; raise max_length to keep them", source or "train rows", max_length,
+                       counts["dropped_for_length"], sources_given[source], counts["truncated"])
     return report
 
 

@@ -21,7 +21,6 @@ by source and reason; build_datasets returns that report, which train_sft.py log
 import json
 import logging
 import random
-import string
 from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -181,27 +180,18 @@ def add_extra_tools(row, rng, tool_pool, n):
     return {**row, "tools": tools}
 
 
-def _random_identifier(rng, low, high, taken):
-    while True:
-        name = rng.choice(string.ascii_lowercase) + "".join(
-            rng.choices(string.ascii_lowercase + string.digits + "_", k=rng.randint(low, high) - 1))
-        if name not in taken:
-            taken.add(name)
-            return name
-
-
 def mask_names(row, rng):
     """Function names -> random 5-15 characters, parameter names -> random 4-10, consistently in the tool list and
     the answer, so the model must read descriptions instead of memorising names (Hammer's function masking)."""
     taken = set()
-    renamed = {t["name"]: _random_identifier(rng, 5, 15, taken) for t in row["tools"]}
+    renamed = {t["name"]: df.random_identifier(rng, 5, 15, taken) for t in row["tools"]}
     params = {}
     tools = []
     for tool in row["tools"]:
         spec = tool.get("parameters") or {}
         schema_style = spec.get("type") in ("object", "dict") and isinstance(spec.get("properties"), dict)
         names = list(spec["properties"] if schema_style else spec)
-        params[tool["name"]] = mapping = {p: _random_identifier(rng, 4, 10, taken) for p in names}
+        params[tool["name"]] = mapping = {p: df.random_identifier(rng, 4, 10, taken) for p in names}
         if schema_style:
             spec = {**spec, "properties": {mapping[p]: v for p, v in spec["properties"].items()},
                     "required": [mapping.get(p, p) for p in spec.get("required", [])]}
@@ -392,7 +382,7 @@ def build_datasets(args, seed, recipe=None):
     rows = []
     for examples, size, stats in zip(per_source, sizes, report["sources"]):
         stats["taken"] = size
-        rows += examples[:size]
+        rows += [({**example, "source": stats["path"]}, tags) for example, tags in examples[:size]]
     random.Random(seed).shuffle(rows)
     held_out = 0
     if args.eval_split_size:
@@ -413,14 +403,16 @@ def to_dataset(rows, conversational):
     from datasets import Dataset, Features, Json, List, Value
 
     columns = ["messages", "tools"] if conversational else ["prompt", "completion"]
-    table = [{**{c: example[c] for c in columns}, "transforms": ",".join(tags)} for example, tags in rows]
+    table = [{**{c: example[c] for c in columns}, "transforms": ",".join(tags), "source": example.get("source", "")}
+             for example, tags in rows]  # source: for the per-source count of rows cut or dropped for length
     if not conversational:
         return Dataset.from_list(table)
     # Json() keeps each message and its tool-call arguments as written; Arrow structs would merge every row's argument
     # names into one schema and render nulls into the prompt.
     for row in table:
         row["tools"] = json.dumps(row["tools"]) if row["tools"] else None
-    features = Features({"messages": List(Json()), "tools": Value("string"), "transforms": Value("string")})
+    features = Features({"messages": List(Json()), "tools": Value("string"), "transforms": Value("string"),
+                         "source": Value("string")})
     return Dataset.from_list(table, features=features)
 
 

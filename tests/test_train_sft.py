@@ -148,15 +148,28 @@ def test_loss_mask_is_exactly_the_assistant_turn(assets, demo_recipe):
         assert 0 < n_trained < n_tokens
 
 
-def test_single_process_training_logs_to_wandb_offline(demo_recipe, tmp_path):
-    """No account, no network: W&B logs offline; the summary reports real-token throughput and peak memory."""
+def test_single_process_training_logs_to_wandb_offline(demo_recipe, assets, tmp_path):
+    """No account, no network: W&B logs offline; the summary reports real-token throughput and peak memory, and the
+    rows the trainer cut or dropped for max_length, per source."""
     import os
 
     env = {**os.environ, "WANDB_DIR": str(tmp_path)}
     env.pop("WANDB_MODE", None)
     env.pop("WANDB_API_KEY", None)
-    proc = run([PYTHON, "train_sft.py", demo_recipe(report_to=["wandb"]), "--max_steps", "3", "--logging_steps", "1",
+    lines = (assets / "xlam_sample" / "train.jsonl").read_text().splitlines(keepends=True)
+    halves = [tmp_path / "first.jsonl", tmp_path / "second.jsonl"]
+    halves[0].write_text("".join(lines[:300]))
+    halves[1].write_text("".join(lines[300:]))
+    recipe = demo_recipe(report_to=["wandb"], dataset_name=None, max_length=200,
+                         datasets=[{"path": str(h), "format": "xlam"} for h in halves])
+    proc = run([PYTHON, "train_sft.py", recipe, "--max_steps", "3", "--logging_steps", "1",
                 "--per_device_train_batch_size", "2"], env=env)
+    length = json.loads((tmp_path / "out" / "run_summary.json").read_text())["data"]["length"]
+    assert set(length["per_source"]) == {str(h) for h in halves} and length["dropped_for_length"] > 0
+    assert length["dropped_for_length"] == sum(s["dropped_for_length"] for s in length["per_source"].values())
+    assert length["rows_given"] - length["rows_kept"] == length["dropped_for_length"]
+    for half in halves:
+        assert f"data: {half}: max_length 200: " in proc.stderr
     assert "logging offline" in proc.stderr
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
