@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,11 +17,71 @@ ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+BASE_ENV = dict(os.environ)  # the script server's environment
 
 
-def run(cmd, check=True, timeout=600, **kwargs):
-    """Run a command in the repo root; on failure show its output in the assertion message."""
-    proc = subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True, timeout=timeout, **kwargs)
+class ScriptServer:
+    """tests/script_server.py: `python SCRIPT.py ARGS` run by forking one process that imported the libraries once."""
+
+    SCRIPTS = {p.name for p in REPO.glob("*.py")}
+    # read by libraries when they are imported: a command that changes one gets a fresh interpreter
+    IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TOKENIZERS", "WANDB", "PYTHON", "OMP", "MKL")
+
+    def __init__(self):
+        self.proc, self.lock = None, threading.Lock()
+
+    def can_run(self, cmd, env, kwargs):
+        if os.environ.get("FCSFT_TESTS_NO_SCRIPT_SERVER"):  # every command a fresh process, as a user runs it
+            return False
+        if kwargs or len(cmd) < 2 or cmd[0] != PYTHON or not hasattr(os, "fork"):
+            return False
+        if Path(cmd[1]).name not in self.SCRIPTS or Path(cmd[1]).parent not in (Path("."), REPO):
+            return False
+        changed = {k for k in set(env) | set(BASE_ENV) if env.get(k) != BASE_ENV.get(k)}
+        return not any(k.startswith(self.IMPORT_TIME_ENV) for k in changed)
+
+    def run(self, cmd, env, timeout):
+        with self.lock, tempfile.TemporaryDirectory() as tmp:
+            if self.proc is None or self.proc.poll() is not None:
+                log = Path(tempfile.gettempdir(), f"script_server_{os.getpid()}.log")
+                with open(log, "w") as stderr:
+                    self.proc = subprocess.Popen([PYTHON, str(REPO / "tests" / "script_server.py")], cwd=REPO, text=True,
+                                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=BASE_ENV)
+                if self.proc.stdout.readline().strip() != "ready":
+                    raise RuntimeError(f"tests/script_server.py did not start:\n{log.read_text()[-3000:]}")
+            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+            request = {"argv": cmd[1:], "cwd": str(REPO), "env": env, "stdout": str(out), "stderr": str(err),
+                       "timeout": timeout}
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            answer = json.loads(self.proc.stdout.readline())
+            stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+        if answer.get("timeout"):
+            raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr)
+        return subprocess.CompletedProcess(cmd, answer["returncode"], stdout, stderr)
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+SCRIPT_SERVER = ScriptServer()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    SCRIPT_SERVER.close()
+
+
+def run(cmd, check=True, timeout=600, env=None, **kwargs):
+    """Run a command in the repo root; on failure show its output in the assertion message. `python SCRIPT.py ...`
+    goes through the script server (the same script, started without re-importing the libraries); anything else, or
+    one that changes an environment variable read at import time, is a fresh process."""
+    cmd = [str(c) for c in cmd]
+    if SCRIPT_SERVER.can_run(cmd, env if env is not None else dict(os.environ), kwargs):
+        proc = SCRIPT_SERVER.run(cmd, env if env is not None else dict(os.environ), timeout)
+    else:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
@@ -40,20 +102,21 @@ def tiny_linear_layers(assets):
     return json.loads((assets / "tiny-qwen2" / "config.json").read_text())["num_hidden_layers"] * 7
 
 
+def write_demo_recipe(assets, folder, **overrides):
+    """recipes/demo_cpu.yaml pointed at the session's assets and at folder/out, with overrides, written into folder."""
+    recipe = yaml.safe_load((REPO / "recipes" / "demo_cpu.yaml").read_text())
+    recipe.update(model_name_or_path=str(assets / "tiny-qwen2"), dataset_name=str(assets / "xlam_sample" / "train.jsonl"),
+                  output_dir=str(folder / "out"), report_to=["none"])  # tests opt in to W&B
+    recipe.update(overrides)
+    path = folder / f"recipe_{len(list(folder.glob('recipe_*')))}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 @pytest.fixture
 def demo_recipe(assets, tmp_path):
     """Write recipes/demo_cpu.yaml pointed at the session's assets and tmp_path, with overrides."""
-
-    def write(**overrides):
-        recipe = yaml.safe_load((REPO / "recipes" / "demo_cpu.yaml").read_text())
-        recipe.update(model_name_or_path=str(assets / "tiny-qwen2"), dataset_name=str(assets / "xlam_sample" / "train.jsonl"),
-                      output_dir=str(tmp_path / "out"), report_to=["none"])  # tests opt in to W&B
-        recipe.update(overrides)
-        path = tmp_path / f"recipe_{len(list(tmp_path.glob('recipe_*')))}.yaml"
-        path.write_text(yaml.safe_dump(recipe))
-        return path
-
-    return write
+    return lambda **overrides: write_demo_recipe(assets, tmp_path, **overrides)
 
 
 # --- shared by several test modules (test modules do not import each other) ----------------------------------------

@@ -4,12 +4,12 @@ folders without a model, compare, and the aggregate formulas against hand-comput
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import correct_qwen_output, qwen_call
+from conftest import run as run_command
 
 from fcsft import bfcl_data, bfcl_generation, bfcl_report, metrics
 from fcsft.bfcl_data import read_jsonl
@@ -22,7 +22,7 @@ FAST = ["--max-new-tokens", "6", "--batch-size", "4"]  # the random demo model n
 
 def run(*args, check=True, env_extra=None, python=(sys.executable,)):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
-    proc = subprocess.run([*python, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_command([*python, *args], check=False, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -6,11 +6,11 @@ Overall. The loop, the checker and the aggregates are checked against the offici
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run as run_command
 
 from fcsft import bfcl_data
 from fcsft.bfcl_data import read_jsonl
@@ -30,7 +30,7 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
 
 def run(*args, check=True, python=(sys.executable,)):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([*python, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_command([*python, *args], check=False, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

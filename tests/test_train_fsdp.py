@@ -11,9 +11,12 @@ import time
 
 import pytest
 import torch
-from conftest import ACCELERATE, PYTHON, REPO, run
+from conftest import ACCELERATE, PYTHON, REPO, run, write_demo_recipe
 
 SHORT = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--max_length", "512", "--logging_steps", "1"]
+# the FULL_SHARD run: 16 steps with a checkpoint every 4, shared by the sharding, final-checkpoint and resume tests
+FULL_RUN = ["--max_steps", "16", "--per_device_train_batch_size", "2", "--max_length", "512", "--logging_steps", "1",
+            "--save_strategy", "steps", "--save_steps", "4"]
 
 
 def launch(config, recipe, *overrides, **kwargs):
@@ -24,15 +27,27 @@ def summary(output_dir):
     return json.loads((output_dir / "run_summary.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def full_run(assets, tmp_path_factory):
+    """(recipe, output dir, stderr) of one uninterrupted cpu_fsdp_full.yaml launch with FULL_RUN."""
+    folder = tmp_path_factory.mktemp("full_run")
+    recipe = write_demo_recipe(assets, folder)
+    proc = launch("cpu_fsdp_full.yaml", recipe, *FULL_RUN)
+    return recipe, folder / "out", proc.stderr
+
+
 @pytest.mark.parametrize("config, mesh, placement", [
     ("cpu_fsdp_full.yaml", [2], "(Shard(dim=0),)"),
     ("cpu_fsdp_shard_grad_op.yaml", [2], "(Shard(dim=0),)"),
     ("cpu_hsdp.yaml", [2, 2], "(Replicate(), Shard(dim=0))"),
 ])
-def test_fsdp2_really_shards(config, mesh, placement, demo_recipe, tmp_path):
-    proc = launch(config, demo_recipe(), *SHORT)
-    assert "cpu_fsdp: no GPU and an FSDP launch config" in proc.stderr
-    info = summary(tmp_path / "out")
+def test_fsdp2_really_shards(config, mesh, placement, demo_recipe, tmp_path, request):
+    if config == "cpu_fsdp_full.yaml":
+        _, output_dir, stderr = request.getfixturevalue("full_run")
+    else:
+        stderr, output_dir = launch(config, demo_recipe(), *SHORT).stderr, tmp_path / "out"
+    assert "cpu_fsdp: no GPU and an FSDP launch config" in stderr
+    info = summary(output_dir)
     assert info["distributed_type"] == "DistributedType.FSDP" and info["fsdp_version"] == 2
     shard = info["sharding"]
     assert shard["dtensor_parameters"] == shard["parameters"] > 0
@@ -46,11 +61,10 @@ def test_fsdp2_really_shards(config, mesh, placement, demo_recipe, tmp_path):
         assert "fsdp_reshard_after_forward: false" in env
 
 
-def test_final_checkpoint_loads_on_one_device(assets, demo_recipe, tmp_path):
+def test_final_checkpoint_loads_on_one_device(assets, full_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    launch("cpu_fsdp_full.yaml", demo_recipe(), *SHORT)
-    out = tmp_path / "out"
+    _, out, _ = full_run
     assert (out / "model.safetensors").is_file() and (out / "chat_template.jinja").is_file()
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -69,12 +83,9 @@ def _losses(output_dir):
     return {log["step"]: log["loss"] for log in summary(output_dir)["log_history"] if "loss" in log}
 
 
-def test_killed_run_resumes_with_identical_losses(demo_recipe, tmp_path):
-    args = ["--max_steps", "16", "--per_device_train_batch_size", "2", "--max_length", "512", "--logging_steps", "1",
-            "--save_strategy", "steps", "--save_steps", "4"]
-    reference = demo_recipe(output_dir=str(tmp_path / "reference"))
-    launch("cpu_fsdp_full.yaml", reference, *args)
-    expected = _losses(tmp_path / "reference")
+def test_killed_run_resumes_with_identical_losses(full_run, demo_recipe, tmp_path):
+    args = FULL_RUN
+    expected = _losses(full_run[1])  # the uninterrupted run
     assert len(expected) == 16
 
     # the same run, killed (SIGKILL, the whole process group) once its first checkpoint is on disk
