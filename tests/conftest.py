@@ -17,18 +17,20 @@ ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
-BASE_ENV = dict(os.environ)  # the script server's environment
 
 
 class ScriptServer:
     """tests/script_server.py: `python SCRIPT.py ARGS` run by forking one process that imported the libraries once."""
 
     SCRIPTS = {p.name for p in REPO.glob("*.py")}
-    # read by libraries when they are imported: a command that changes one gets a fresh interpreter
+    # read by libraries when they are imported: the server runs with the values the command would see
     IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TOKENIZERS", "WANDB", "PYTHON", "OMP", "MKL")
 
     def __init__(self):
-        self.proc, self.lock = None, threading.Lock()
+        self.proc, self.lock, self.import_env = None, threading.Lock(), None
+
+    def import_time(self, env):
+        return {k: v for k, v in env.items() if k.startswith(self.IMPORT_TIME_ENV)}
 
     def can_run(self, cmd, env, kwargs):
         if os.environ.get("FCSFT_TESTS_NO_SCRIPT_SERVER"):  # every command a fresh process, as a user runs it
@@ -37,18 +39,24 @@ class ScriptServer:
             return False
         if Path(cmd[1]).name not in self.SCRIPTS or Path(cmd[1]).parent not in (Path("."), REPO):
             return False
-        changed = {k for k in set(env) | set(BASE_ENV) if env.get(k) != BASE_ENV.get(k)}
-        return not any(k.startswith(self.IMPORT_TIME_ENV) for k in changed)
+        # a test that sets one of them for one command gets a fresh interpreter
+        return self.import_time(env) == self.import_time(os.environ)
+
+    def start(self, env):
+        """(Re)start with env's import-time values: code run inside pytest may have set some (WANDB_PROJECT...)."""
+        self.close()
+        log = Path(tempfile.gettempdir(), f"script_server_{os.getpid()}.log")
+        with open(log, "w") as stderr:
+            self.proc = subprocess.Popen([PYTHON, str(REPO / "tests" / "script_server.py")], cwd=REPO, text=True,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"tests/script_server.py did not start:\n{log.read_text()[-3000:]}")
+        self.import_env = self.import_time(env)
 
     def run(self, cmd, env, timeout):
         with self.lock, tempfile.TemporaryDirectory() as tmp:
-            if self.proc is None or self.proc.poll() is not None:
-                log = Path(tempfile.gettempdir(), f"script_server_{os.getpid()}.log")
-                with open(log, "w") as stderr:
-                    self.proc = subprocess.Popen([PYTHON, str(REPO / "tests" / "script_server.py")], cwd=REPO, text=True,
-                                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=BASE_ENV)
-                if self.proc.stdout.readline().strip() != "ready":
-                    raise RuntimeError(f"tests/script_server.py did not start:\n{log.read_text()[-3000:]}")
+            if self.proc is None or self.proc.poll() is not None or self.import_env != self.import_time(env):
+                self.start(env)
             out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
             request = {"argv": cmd[1:], "cwd": str(REPO), "env": env, "stdout": str(out), "stderr": str(err),
                        "timeout": timeout}
