@@ -85,9 +85,9 @@ def run(cmd, check=True, timeout=600, env=None, **kwargs):
     """Run a command in the repo root; on failure show its output in the assertion message. `python SCRIPT.py ...`
     goes through the script server (the same script, started without re-importing the libraries); anything else, or
     one that changes an environment variable read at import time, is a fresh process."""
-    cmd = [str(c) for c in cmd]
-    if SCRIPT_SERVER.can_run(cmd, env if env is not None else dict(os.environ), kwargs):
-        proc = SCRIPT_SERVER.run(cmd, env if env is not None else dict(os.environ), timeout)
+    cmd, command_env = [str(c) for c in cmd], env if env is not None else dict(os.environ)
+    if SCRIPT_SERVER.can_run(cmd, command_env, kwargs):
+        proc = SCRIPT_SERVER.run(cmd, command_env, timeout)
     else:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
     if check and proc.returncode != 0:

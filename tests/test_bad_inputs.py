@@ -1,7 +1,7 @@
 """Bad inputs, kills and faults against the real commands (issue 20): each case is refused with one line that names
 the file, key or row, exits non-zero without a traceback, and leaves what was already written as it was.
 
-The quick cases (refused before any model loads) are one table, run concurrently by one module fixture; the cases
+The quick cases (refused before any model loads) are one table, run once each by one module fixture; the cases
 that need a run to exist (a killed multi-process eval, a sweep stopped with SIGTERM and run again over a damaged
 checkpoint) have a test each.
 """

@@ -29,11 +29,11 @@ def summary(output_dir):
 
 @pytest.fixture(scope="module")
 def full_run(assets, tmp_path_factory):
-    """(recipe, output dir, stderr) of one uninterrupted cpu_fsdp_full.yaml launch with FULL_RUN."""
+    """(output dir, stderr) of one uninterrupted cpu_fsdp_full.yaml launch with FULL_RUN."""
     folder = tmp_path_factory.mktemp("full_run")
     recipe = write_demo_recipe(assets, folder)
     proc = launch("cpu_fsdp_full.yaml", recipe, *FULL_RUN)
-    return recipe, folder / "out", proc.stderr
+    return folder / "out", proc.stderr
 
 
 @pytest.mark.parametrize("config, mesh, placement", [
@@ -43,7 +43,7 @@ def full_run(assets, tmp_path_factory):
 ])
 def test_fsdp2_really_shards(config, mesh, placement, demo_recipe, tmp_path, request):
     if config == "cpu_fsdp_full.yaml":
-        _, output_dir, stderr = request.getfixturevalue("full_run")
+        output_dir, stderr = request.getfixturevalue("full_run")
     else:
         stderr, output_dir = launch(config, demo_recipe(), *SHORT).stderr, tmp_path / "out"
     assert "cpu_fsdp: no GPU and an FSDP launch config" in stderr
@@ -64,7 +64,7 @@ def test_fsdp2_really_shards(config, mesh, placement, demo_recipe, tmp_path, req
 def test_final_checkpoint_loads_on_one_device(assets, full_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _, out, _ = full_run
+    out, _ = full_run
     assert (out / "model.safetensors").is_file() and (out / "chat_template.jinja").is_file()
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -85,7 +85,7 @@ def _losses(output_dir):
 
 def test_killed_run_resumes_with_identical_losses(full_run, demo_recipe, tmp_path):
     args = FULL_RUN
-    expected = _losses(full_run[1])  # the uninterrupted run
+    expected = _losses(full_run[0])  # the uninterrupted run
     assert len(expected) == 16
 
     # the same run, killed (SIGKILL, the whole process group) once its first checkpoint is on disk
