@@ -22,7 +22,7 @@ def main():
     parser.add_argument("--out", default="demo_assets", type=Path)
     parser.add_argument("--seed", default=0, type=int, help="training rows, tokenizer and model weights (make demo DEMO_SEED=N)")
     parser.add_argument("--heldout-seed", default=0, type=int, help="the held-out BFCL questions (fixed across DEMO_SEED)")
-    parser.add_argument("--n-train", default=2400, type=int, help="xLAM-schema training rows (make demo: one epoch)")
+    parser.add_argument("--n-train", default=2800, type=int, help="xLAM-schema training rows (make demo: one epoch)")
     parser.add_argument("--n-heldout", default=10, type=int, help="held-out BFCL entries per category")
     parser.add_argument("--vocab-size", default=2048, type=int)
     parser.add_argument("--num-layers", default=2, type=int, help="decoder layers of the tiny Qwen2 model")

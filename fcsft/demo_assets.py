@@ -458,7 +458,7 @@ def build_opt_model(tokenizer, seed):
     return OPTForCausalLM(config)
 
 
-def build_demo_assets(out, seed=0, n_train=2400, n_heldout=10, vocab_size=2048, num_layers=2, hidden_size=256, n_dolly=48,
+def build_demo_assets(out, seed=0, n_train=2800, n_heldout=10, vocab_size=2048, num_layers=2, hidden_size=256, n_dolly=48,
                       heldout_seed=0):
     """Write every asset into `out` (make_demo_assets.py's flags name the arguments), saying what was written."""
     out = Path(out)

@@ -20,7 +20,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 
 class ScriptServer:
-    """tests/script_server.py: `python SCRIPT.py ARGS` run by forking one process that imported the libraries once."""
+    """tests/script_server.py: `python SCRIPT.py ARGS` and `accelerate launch ...` run by forking one process that
+    imported the libraries once."""
 
     SCRIPTS = {p.name for p in REPO.glob("*.py")}
     # read by libraries when they are imported: the server runs with the values the command would see
@@ -35,9 +36,12 @@ class ScriptServer:
     def can_run(self, cmd, env, kwargs):
         if os.environ.get("FCSFT_TESTS_NO_SCRIPT_SERVER"):  # every command a fresh process, as a user runs it
             return False
-        if kwargs or len(cmd) < 2 or cmd[0] != PYTHON or not hasattr(os, "fork"):
+        if kwargs or len(cmd) < 2 or not hasattr(os, "fork"):
             return False
-        if Path(cmd[1]).name not in self.SCRIPTS or Path(cmd[1]).parent not in (Path("."), REPO):
+        script = cmd[0] == PYTHON and Path(cmd[1]).name in self.SCRIPTS and Path(cmd[1]).parent in (Path("."), REPO)
+        # the launcher only: its workers are fresh interpreters, started by torch's elastic agent as usual
+        launch = cmd[0] == ACCELERATE and cmd[1] == "launch"
+        if not (script or launch):
             return False
         # a test that sets one of them for one command gets a fresh interpreter
         return self.import_time(env) == self.import_time(os.environ)
@@ -58,7 +62,7 @@ class ScriptServer:
             if self.proc is None or self.proc.poll() is not None or self.import_env != self.import_time(env):
                 self.start(env)
             out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-            request = {"argv": cmd[1:], "cwd": str(REPO), "env": env, "stdout": str(out), "stderr": str(err),
+            request = {"argv": cmd if cmd[0] == ACCELERATE else cmd[1:], "cwd": str(REPO), "env": env, "stdout": str(out), "stderr": str(err),
                        "timeout": timeout}
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
@@ -99,7 +103,7 @@ def run(cmd, check=True, timeout=600, env=None, **kwargs):
 def assets(tmp_path_factory):
     """demo_assets built by the repo's own script: tiny Qwen2 model, xLAM sample, BFCL-format held-out split."""
     out = tmp_path_factory.mktemp("assets")
-    run([PYTHON, "make_demo_assets.py", "--out", out, "--n-train", "600"])  # the demo trains on 2,400; tests need fewer
+    run([PYTHON, "make_demo_assets.py", "--out", out, "--n-train", "600"])  # the demo trains on 2,800; tests need fewer
     return out
 
 

@@ -1,16 +1,19 @@
 """Runs the entry scripts for the tests without paying their start-up each time.
 
 Every `python train_sft.py ...` spends about 5 s of CPU importing torch, transformers, TRL, datasets and PEFT before
-its first line runs; the suite runs such commands a hundred times. This process imports them once, then for each
-request forks a child that runs the script as `python SCRIPT ARGS` would (`__main__`, sys.argv, sys.path[0], the
-working directory and environment given, stdout and stderr into files, SystemExit and uncaught exceptions turned into
-the same exit code and message), and answers with the exit code. conftest.run sends it the commands it can run this
-way and starts everything else (accelerate launches, commands killed by the tests) as a real process.
+its first line runs, and every `accelerate launch` about 4 s importing accelerate's command line before it starts
+the workers; the suite runs such commands a hundred times. This process imports them once, then for each request
+forks a child that runs the script (or the `accelerate` command's own file) as `python SCRIPT ARGS` would
+(`__main__`, sys.argv, sys.path[0], the working directory and environment given, stdout and stderr into files,
+SystemExit and uncaught exceptions turned into the same exit code and message), and answers with the exit code. A
+launch's workers are what torch's elastic agent always starts: fresh interpreters. conftest.run sends it the commands
+it can run this way and starts everything else (commands the tests kill or signal) as a real process.
 
 Protocol: one JSON object per line on stdin {"argv", "cwd", "env", "stdout", "stderr", "timeout"}; one JSON object
 per line on stdout {"returncode"} (or {"timeout": true}). "ready" is printed once the imports are done.
 """
 
+import contextlib
 import json
 import os
 import runpy
@@ -20,6 +23,8 @@ import time
 import traceback
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -28,9 +33,10 @@ def preload():
     import importlib
 
     sys.path[0] = str(REPO)  # as for `python SCRIPT.py` in the repo root
-    import accelerate  # noqa: F401
+    import accelerate.commands.accelerate_cli  # noqa: F401
     import datasets  # noqa: F401
     import peft  # noqa: F401
+    import torch.distributed.run  # noqa: F401
     import transformers  # noqa: F401
     from trl import SFTConfig, SFTTrainer  # noqa: F401
 
@@ -90,8 +96,10 @@ def serve():
             if done:
                 print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), file=answers, flush=True)
                 break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
+            if time.monotonic() > deadline:  # the child and what it started (a launch's workers)
+                for proc in [*psutil.Process(pid).children(recursive=True), psutil.Process(pid)]:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        proc.kill()
                 os.waitpid(pid, 0)
                 print(json.dumps({"timeout": True}), file=answers, flush=True)
                 break

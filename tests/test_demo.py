@@ -72,8 +72,8 @@ def test_generation_limit_fits_every_heldout_answer(assets, tmp_path):
 
 @pytest.fixture(scope="module")
 def reduced_demo(tmp_path_factory):
-    """`make demo` at half its size: assets with 1,200 training rows (300 steps of the demo recipe, 2 processes),
-    eval before, train, eval after, demo_report.py."""
+    """`make demo` at reduced size: assets with 1,200 training rows (300 steps of the demo recipe, 2 processes; the
+    demo has 2,800), eval before, train, eval after, demo_report.py. 800 rows learn too little to test (docs/demo.md)."""
     out = tmp_path_factory.mktemp("demo")
     assets = out / "assets"
     run([PYTHON, "make_demo_assets.py", "--out", assets, "--n-train", "1200"])
@@ -95,10 +95,10 @@ def test_reduced_demo_learns_the_call_format(reduced_demo):
     out, _ = reduced_demo
     before, after = (json.loads((out / name / "summary.json").read_text())["categories"] for name in ("before", "after"))
     count = lambda s, rate: round(sum(s[c]["rates"][rate] * s[c]["total"] for c in CALL_CATEGORIES))  # noqa: E731
-    # Of the 40 calling questions (measured at this size, seed 0, learning rate 1e-3: 0 -> 30 well-formed, 0 -> 17 with the
-    # right functions; with 3e-3 it was 0 -> 33 and 0 -> 11; the spread over seeds at this size is not measured)
-    assert count(before, "decodes_as_calls") == 0 and count(after, "decodes_as_calls") >= 20
-    assert count(before, "right_functions") == 0 and count(after, "right_functions") >= 4
+    # Of the 40 calling questions, measured at this size over DEMO_SEED 0, 1, 2 (docs/demo.md): well-formed 30, 35, 26;
+    # right functions 17, 11, 12. Each bound is the lowest seed minus the spread between seeds: 26 - 9 and 11 - 6.
+    assert count(before, "decodes_as_calls") == 0 and count(after, "decodes_as_calls") >= 17
+    assert count(before, "right_functions") == 0 and count(after, "right_functions") >= 5
     # Before, every calling entry fails for want of a decodable call; after, the mistakes are in functions and values.
     for category in CALL_CATEGORIES:
         assert set(before[category]["error_types"]) <= {"simple_function_checker:wrong_count",
