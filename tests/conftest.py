@@ -14,6 +14,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+# A test launch trains on a few dozen rows; tokenizing all 600 of the assets cost each launch about 5 s (a 4-step
+# launch: 23-27 s -> 18-19 s with 128), so the launches keep 128 (max_samples: a seeded random 128 of the 600).
+LAUNCH_ROWS = 128
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -196,7 +199,8 @@ def pytest_collection_modifyitems(config, items):
 # --- recipes/xlam_lora.yaml on the tiny model through 2-process FSDP2: one uninterrupted run and one killed and resumed,
 # shared by tests/test_lora_qlora.py (adapter shards, resume) and tests/test_model_card.py (the card of a real run) -----
 
-LORA_RUN_ARGS = ["--max_steps", "12", "--save_strategy", "steps", "--save_steps", "4", "--logging_steps", "1"]
+LORA_RUN_ARGS = ["--max_steps", "12", "--save_strategy", "steps", "--save_steps", "4", "--logging_steps", "1",
+                 "--max_samples", LAUNCH_ROWS]
 LORA_KILL_AFTER = "checkpoint-8"
 
 

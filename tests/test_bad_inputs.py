@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ACCELERATE, PYTHON, REPO, run
+from conftest import ACCELERATE, LAUNCH_ROWS, PYTHON, REPO, run
 
 from fcsft import sweeps
 
@@ -214,7 +214,7 @@ def stopped_sweep(assets, tmp_path_factory):
     is complete; the newest checkpoint is then damaged (an optimizer shard cut short) and the sweep run again."""
     root = tmp_path_factory.mktemp("stopped_sweep")
     recipe = write_recipe(root / "recipe.yaml", assets, max_steps=30, save_strategy="steps", save_steps=2,
-                          logging_steps=1, max_samples=200, per_device_train_batch_size=1)
+                          logging_steps=1, max_samples=LAUNCH_ROWS, per_device_train_batch_size=1)
     sweep_file = root / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump({
         "recipe": str(recipe), "accelerate_config": "accelerate_configs/cpu_fsdp_full.yaml",

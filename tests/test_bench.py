@@ -15,7 +15,7 @@ from fcsft import bench, metrics
 def test_smoke_benchmark_writes_sane_csv_table_and_plots(assets, tmp_path):
     results = tmp_path / "results"
     started = time.perf_counter()
-    run([PYTHON, "bench_fsdp.py", "--settings", "smoke", "--rows", "300", "--warmup-steps", "1", "--steps", "2",
+    run([PYTHON, "bench_fsdp.py", "--settings", "smoke", "--rows", "100", "--warmup-steps", "1", "--steps", "2",
          "--assets", assets, "--results", results, "--work-dir", tmp_path / "work"], timeout=600)
     elapsed = time.perf_counter() - started
     assert elapsed < 180, f"the CPU benchmark took {elapsed:.0f}s"

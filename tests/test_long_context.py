@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import ACCELERATE, REPO, run
+from conftest import ACCELERATE, LAUNCH_ROWS, REPO, run
 
 from fcsft import recipe as fcsft_recipe
 from fcsft.errors import UserError
@@ -22,7 +22,7 @@ def test_packed_8k_recipe_trains_through_fsdp(assets, tmp_path):
         "Salesforce/xlam-function-calling-60k", "MadeAgents/xlam-irrelevance-7.5k"]
     recipe.update(model_name_or_path=str(assets / "tiny-qwen2"), dataset_name=str(assets / "xlam_sample" / "train.jsonl"),
                   output_dir=str(tmp_path / "out"), dtype="float32", bf16=False, optim="adamw_torch", report_to=["none"],
-                  max_steps=1, gradient_accumulation_steps=1, logging_steps=1, save_strategy="no",
+                  max_steps=1, gradient_accumulation_steps=1, logging_steps=1, save_strategy="no", max_samples=LAUNCH_ROWS,
                   dataloader_num_workers=0, dataset_num_proc=1)
     path = tmp_path / "xlam_8k_cpu.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from conftest import FAKE_TOKEN, RecordingHub, correct_qwen_output
+from conftest import FAKE_TOKEN, LAUNCH_ROWS, RecordingHub, correct_qwen_output
 from huggingface_hub import ModelCard
 
 import eval_bfcl
@@ -46,7 +46,8 @@ def test_card_of_a_run_holds_base_data_recipe_hardware_time_and_the_bfcl_table(m
     run = json.loads((model_folder / "run_summary.json").read_text())
     assert f"`{run['model_name_or_path']}` fine-tuned for function calling" in text and "a LoRA adapter" in text
     source = run["data"]["sources"][0]  # rows read, malformed, BFCL duplicates, taken, transforms
-    assert f"| `{source['path']}` | xlam | 600 | 0 | 0 | 600 | " in text and "Trained on 600 rows; 0 held out" in text
+    rows = LAUNCH_ROWS  # the run took max_samples of the 600
+    assert f"| `{source['path']}` | xlam | {rows} | 0 | 0 | {rows} | " in text and f"Trained on {rows} rows; 0 held out" in text
     assert "| hardware | 2 x cpu" in text and "FSDP2 over mesh [2]" in text
     assert f"({run['train_seconds']:,.0f} s)" in text and "| cost | not applicable (a CPU run) |" in text
     assert "| optimizer steps | 12 " in text and "lora_r: 8" in text and "lora_alpha: 16" in text  # the recipe as run

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import ACCELERATE, REPO, run
+from conftest import ACCELERATE, LAUNCH_ROWS, REPO, run
 
 import eval_bfcl
 from fcsft.bfcl_data import read_jsonl
@@ -34,7 +34,7 @@ def bfcl_run(assets, tmp_path_factory):
                 "--bfcl_eval_dir", assets / "bfcl_heldout", *BFCL_KEYS,
                 # demo_simple stays at 0 for this random model: no improvement, so patience 1 stops at step 4
                 "--metric_for_best_model", "eval_bfcl/demo_simple", "--load_best_model_at_end", "true",
-                "--early_stopping_patience", "1"])
+                "--early_stopping_patience", "1", "--max_samples", LAUNCH_ROWS])
     return out / "run", proc
 
 

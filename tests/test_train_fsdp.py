@@ -11,12 +11,13 @@ import time
 
 import pytest
 import torch
-from conftest import ACCELERATE, PYTHON, REPO, run, write_demo_recipe
+from conftest import ACCELERATE, LAUNCH_ROWS, PYTHON, REPO, run, write_demo_recipe
 
-SHORT = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--max_length", "512", "--logging_steps", "1"]
+SHORT = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--max_length", "512", "--logging_steps", "1",
+         "--max_samples", LAUNCH_ROWS]
 # the FULL_SHARD run: 16 steps with a checkpoint every 4, shared by the sharding, final-checkpoint and resume tests
 FULL_RUN = ["--max_steps", "16", "--per_device_train_batch_size", "2", "--max_length", "512", "--logging_steps", "1",
-            "--save_strategy", "steps", "--save_steps", "4"]
+            "--save_strategy", "steps", "--save_steps", "4", "--max_samples", LAUNCH_ROWS]
 
 
 def launch(config, recipe, *overrides, **kwargs):
