@@ -23,10 +23,11 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt constraints.txt
 	python3 -m venv $(VENV)
+	# The pinned stack, then bfcl-eval without its dependencies: it ships the BFCL v4 data and the official checker; its
+	# own dependencies are 6 GB and unused here.
 ifeq ($(INSTALLER),uv)
 	$(PIP_INSTALL) $(UV)
 	$(VENV)/bin/uv pip install --quiet --python $(PY) $(UV_SOURCES) -r requirements.txt -c constraints.txt
-	# bfcl-eval ships the BFCL v4 data and the official checker; its own dependencies are 6 GB and unused here.
 	$(VENV)/bin/uv pip install --quiet --python $(PY) $(UV_SOURCES) --no-deps $(BFCL_EVAL)
 else
 	$(PIP_INSTALL) -r requirements.txt -c constraints.txt

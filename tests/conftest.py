@@ -65,8 +65,8 @@ class ScriptServer:
             if self.proc is None or self.proc.poll() is not None or self.import_env != self.import_time(env):
                 self.start(env)
             out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-            request = {"argv": cmd if cmd[0] == ACCELERATE else cmd[1:], "cwd": str(REPO), "env": env, "stdout": str(out), "stderr": str(err),
-                       "timeout": timeout}
+            argv = cmd if cmd[0] == ACCELERATE else cmd[1:]  # the `accelerate` file itself, or the script
+            request = {"argv": argv, "cwd": str(REPO), "env": env, "stdout": str(out), "stderr": str(err), "timeout": timeout}
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
             answer = json.loads(self.proc.stdout.readline())
@@ -89,9 +89,9 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def run(cmd, check=True, timeout=600, env=None, **kwargs):
-    """Run a command in the repo root; on failure show its output in the assertion message. `python SCRIPT.py ...`
-    goes through the script server (the same script, started without re-importing the libraries); anything else, or
-    one that changes an environment variable read at import time, is a fresh process."""
+    """Run a command in the repo root; on failure show its output in the assertion message. `python SCRIPT.py ...` and
+    `accelerate launch ...` go through the script server (the same command, started without re-importing the
+    libraries); anything else, or one that changes an environment variable read at import time, is a fresh process."""
     cmd, command_env = [str(c) for c in cmd], env if env is not None else dict(os.environ)
     if SCRIPT_SERVER.can_run(cmd, command_env, kwargs):
         proc = SCRIPT_SERVER.run(cmd, command_env, timeout)

@@ -1,7 +1,7 @@
 """Runs the entry scripts for the tests without paying their start-up each time.
 
 Every `python train_sft.py ...` spends about 5 s of CPU importing torch, transformers, TRL, datasets and PEFT before
-its first line runs, and every `accelerate launch` about 4 s importing accelerate's command line before it starts
+its first line runs, and every `accelerate launch` about 2.5 s importing accelerate's command line before it starts
 the workers; the suite runs such commands a hundred times. This process imports them once, then for each request
 forks a child that runs the script (or the `accelerate` command's own file) as `python SCRIPT ARGS` would
 (`__main__`, sys.argv, sys.path[0], the working directory and environment given, stdout and stderr into files,
